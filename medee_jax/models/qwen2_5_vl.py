@@ -1,0 +1,239 @@
+"""Qwen2.5-VL in Flax NNX: the vision tower (window attention + patch merger) and the model around the Qwen2 decoder.
+
+Device entry points are shape-static and take host-computed arrays:
+  ``encode_images(pixel_values, **vision_layout)``  -> image features [P/4, D] in image order;
+  ``embed(input_ids, image_features, image_token_index)`` -> [B, L, D] with features scattered into image tokens;
+  ``hidden_states(...)`` -> final hidden [B, L, D];  ``logits(hidden)`` -> [B, L, V] fp32.
+``__call__`` is the convenience path outside jit: it takes transformers-processor-shaped inputs, computes the host
+arrays (M-RoPE positions, vision layout, scatter indices) and runs the jitted forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Qwen25VLConfig, VisionConfig
+from .decoder import Qwen2Decoder
+from .layers import apply_rotary, dot_product_attention, linear, maybe_remat, param, rms_norm, swiglu
+from .rope import mrope_position_ids, vision_cos_sin
+from .vision_layout import vision_layout
+
+VISION_NORM_EPS = 1e-6
+
+
+def vision_block_table(cfg: VisionConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Returns {param name: (shape, logical axes, init)} of one vision block."""
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "norm1": ((d,), ("norm",), "ones"),
+        "norm2": ((d,), ("norm",), "ones"),
+        "qkv_kernel": ((d, 3 * d), ("vision_embed", "vision_heads"), "normal"),
+        "qkv_bias": ((3 * d,), ("vision_heads",), "zeros"),
+        "proj_kernel": ((d, d), ("vision_heads", "vision_embed"), "normal"),
+        "proj_bias": ((d,), ("vision_embed",), "zeros"),
+        "gate_proj_kernel": ((d, i), ("vision_embed", "vision_mlp"), "normal"),
+        "gate_proj_bias": ((i,), ("vision_mlp",), "zeros"),
+        "up_proj_kernel": ((d, i), ("vision_embed", "vision_mlp"), "normal"),
+        "up_proj_bias": ((i,), ("vision_mlp",), "zeros"),
+        "down_proj_kernel": ((i, d), ("vision_mlp", "vision_embed"), "normal"),
+        "down_proj_bias": ((d,), ("vision_embed",), "zeros"),
+    }
+
+
+def merger_table(cfg: VisionConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """Returns {param name: (shape, logical axes, init)} of the patch merger."""
+    d, m = cfg.hidden_size, cfg.hidden_size * cfg.merge_unit
+    return {
+        "ln_q": ((d,), ("norm",), "ones"),
+        "mlp0_kernel": ((m, m), ("vision_merge", "vision_mlp"), "normal"),
+        "mlp0_bias": ((m,), ("vision_mlp",), "zeros"),
+        "mlp2_kernel": ((m, cfg.out_hidden_size), ("vision_mlp", "embed"), "normal"),
+        "mlp2_bias": ((cfg.out_hidden_size,), ("embed",), "zeros"),
+    }
+
+
+class VisionBlocks(nnx.Module):
+    """All vision blocks' parameters, each stacked to [depth, ...]."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        for name, (shape, axes, init) in vision_block_table(cfg).items():
+            setattr(self, name, param(rngs, (cfg.depth, *shape), ("layers", *axes), param_dtype,
+                                      "zeros" if rngs is None else init))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """Returns {param name: [depth, ...] array}."""
+        return {name: getattr(self, name)[...] for name in vision_block_table(self.cfg)}
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, concat the patches of each 2x2 cell, Linear -> GELU -> Linear to the LLM width."""
+
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        for name, (shape, axes, init) in merger_table(cfg).items():
+            setattr(self, name, param(rngs, shape, axes, param_dtype, "zeros" if rngs is None else init))
+
+    def __call__(self, x, dtype):
+        m = self.cfg.hidden_size * self.cfg.merge_unit
+        x = rms_norm(x, self.ln_q[...], VISION_NORM_EPS).reshape(-1, m)  # [P/4, 4*Dv]
+        x = jax.nn.gelu(linear(x, self.mlp0_kernel[...], self.mlp0_bias[...], dtype), approximate=False)
+        return linear(x, self.mlp2_kernel[...], self.mlp2_bias[...], dtype)  # [P/4, D]
+
+
+def vision_block(p: dict, x, cos, sin, allowed, cfg: VisionConfig):
+    """Returns one vision block applied to x [P, Dv] (attention limited to ``allowed`` [P, P])."""
+    n, d = x.shape
+    h = rms_norm(x, p["norm1"], VISION_NORM_EPS)
+    qkv = linear(h, p["qkv_kernel"], p["qkv_bias"]).reshape(n, 3, cfg.num_heads, cfg.head_dim)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [P, H, Dh]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    attn = dot_product_attention(q[None], k[None], v[None], allowed[None])[0].reshape(n, d)
+    x = x + linear(attn, p["proj_kernel"], p["proj_bias"])
+    h = rms_norm(x, p["norm2"], VISION_NORM_EPS)
+    return x + swiglu(h, p["gate_proj_kernel"], p["up_proj_kernel"], p["down_proj_kernel"],
+                      p["gate_proj_bias"], p["up_proj_bias"], p["down_proj_bias"])
+
+
+class VisionTower(nnx.Module):
+    """Patch embedding (a linear map of each flattened patch), window/full-attention blocks, patch merger."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs | None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.patch_embed = param(rngs, (cfg.patch_dim, cfg.hidden_size), ("vision_patch", "vision_embed"),
+                                 param_dtype, "zeros" if rngs is None else "normal")
+        self.blocks = VisionBlocks(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, pixel_values, rot_pos, window_index, reverse_index, window_segments, image_segments):
+        """Returns merged image features [P/4, out_hidden] in image order (see vision_layout.py for the inputs)."""
+        cfg = self.cfg
+        unit = cfg.merge_unit
+        x = linear(pixel_values.astype(self.dtype), self.patch_embed[...])  # [P, Dv]
+        x = x.reshape(-1, unit, cfg.hidden_size)[window_index].reshape(-1, cfg.hidden_size)  # window order
+        cos, sin = vision_cos_sin(rot_pos, cfg.head_dim, cfg.rope_theta)  # [P, Dh]
+        window_allowed = window_segments[:, None] == window_segments[None, :]  # [P, P]
+        image_allowed = image_segments[:, None] == image_segments[None, :]  # [P, P]
+        is_full = jnp.asarray(np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes))  # [depth]
+        block_params = jax.tree.map(lambda a: a.astype(self.dtype), self.blocks.stacked())
+
+        def body(h, inputs):
+            p, full = inputs
+            allowed = jnp.where(full, image_allowed, window_allowed)
+            return vision_block(p, h, cos, sin, allowed, cfg), None
+
+        x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, (block_params, is_full))
+        merged = self.merger(x, self.dtype)  # [P/4, D] in window order
+        return merged[reverse_index]
+
+
+class Qwen25VL(nnx.Module):
+    """Qwen2.5-VL for conditional generation: ``visual``, ``language_model`` and ``lm_head`` (absent when tied)."""
+
+    def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 rngs: nnx.Rngs | None):
+        self.config = cfg
+        self.dtype = dtype
+        self.visual = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.language_model = Qwen2Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), param_dtype,
+                                 "zeros" if rngs is None else "normal")
+
+    # ---- device entry points (shape-static) ----
+
+    def encode_images(self, pixel_values, rot_pos, window_index, reverse_index, window_segments, image_segments):
+        """Returns image features [P/4, D] for pixel_values [P, patch_dim] laid out by ``vision_layout``."""
+        return self.visual(pixel_values, rot_pos, window_index, reverse_index, window_segments, image_segments)
+
+    def embed(self, input_ids, image_features=None, image_token_index=None):
+        """Returns input embeddings [B, L, D]; row f of image_features goes to flat position image_token_index[f].
+
+        image_token_index [F] indexes the flattened [B*L] sequence; entries >= B*L (padding rows) are dropped.
+        """
+        embeds = self.language_model.embed(input_ids)  # [B, L, D]
+        if image_features is None:
+            return embeds
+        b, length, d = embeds.shape
+        flat = embeds.reshape(b * length, d).at[image_token_index].set(image_features.astype(embeds.dtype), mode="drop")
+        return flat.reshape(b, length, d)
+
+    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None):
+        """Returns final normed hidden states [B, L, D]."""
+        return self.language_model(embeds, position_ids, attention_mask, segment_ids)
+
+    def lm_head_kernel(self):
+        """Returns the LM-head kernel [D, V] (the embedding's transpose when tied)."""
+        if self.lm_head is None:
+            return self.language_model.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden):
+        """Returns fp32 logits [B, L, V] from hidden states [B, L, D]."""
+        kernel = self.lm_head_kernel().astype(hidden.dtype)
+        return jnp.einsum("bld,dv->blv", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def forward(self, input_ids, position_ids, attention_mask, segment_ids=None, pixel_values=None,
+                vision=None, image_token_index=None):
+        """Returns fp32 logits [B, L, V]; ``vision`` is the dict of ``VisionLayout.arrays()`` when images are given."""
+        features = None
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values, **vision)
+        embeds = self.embed(input_ids, features, image_token_index)
+        return self.logits(self.hidden_states(embeds, position_ids, attention_mask, segment_ids))
+
+    # ---- host convenience path ----
+
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       position_ids=None, segment_ids=None) -> dict:
+        """Returns the numpy arrays ``forward`` takes, computed on the host from processor-shaped inputs."""
+        cfg = self.config
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+        if position_ids is None:
+            position_ids = mrope_position_ids(input_ids, image_grid_thw, mask, segment_ids,
+                                              image_token_id=cfg.image_token_id,
+                                              spatial_merge_size=cfg.vision.spatial_merge_size)
+        position_ids = np.asarray(position_ids, dtype=np.int32)
+        if position_ids.ndim == 2:
+            position_ids = np.broadcast_to(position_ids[None], (3, *position_ids.shape))
+        out = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
+        if segment_ids is not None:
+            out["segment_ids"] = np.asarray(segment_ids, dtype=np.int32)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
+            layout = vision_layout(image_grid_thw, cfg.vision, pad_to=pixel_values.shape[0])
+            slots = np.flatnonzero((input_ids == cfg.image_token_id) & (mask != 0))
+            n_features = layout.num_valid_patches // cfg.vision.merge_unit
+            if slots.size != n_features:
+                raise ValueError(f"image tokens and image features do not match: {slots.size} <|image_pad|> tokens, "
+                                 f"{n_features} features from image_grid_thw")
+            out.update(pixel_values=pixel_values, vision=layout.arrays(),
+                       image_token_index=slots.astype(np.int32))
+        return out
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
+                 segment_ids=None):
+        """Returns fp32 logits [B, L, V] for transformers-processor-shaped inputs (numpy or jax), outside jit."""
+        arrays = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
+                                     segment_ids)
+        return _jitted_forward(self, arrays)
+
+
+@nnx.jit
+def _jitted_forward(model: Qwen25VL, arrays: dict):
+    return model.forward(**arrays)

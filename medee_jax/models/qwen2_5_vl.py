@@ -222,8 +222,10 @@ class Qwen25VL(nnx.Module):
             if slots.size != n_features:
                 raise ValueError(f"image tokens and image features do not match: {slots.size} <|image_pad|> tokens, "
                                  f"{n_features} features from image_grid_thw")
-            out.update(pixel_values=pixel_values, vision=layout.arrays(),
-                       image_token_index=slots.astype(np.int32))
+            # One scatter target per merged feature row; rows of padding patches point past the end and are dropped.
+            index = np.full(pixel_values.shape[0] // cfg.vision.merge_unit, input_ids.size, np.int32)
+            index[: slots.size] = slots
+            out.update(pixel_values=pixel_values, vision=layout.arrays(), image_token_index=index)
         return out
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,

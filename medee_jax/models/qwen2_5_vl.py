@@ -158,12 +158,16 @@ class Qwen25VL(nnx.Module):
         """Returns input embeddings [B, L, D]; row f of image_features goes to flat position image_token_index[f].
 
         image_token_index [F] indexes the flattened [B*L] sequence; entries >= B*L (padding rows) are dropped.
+        A [K, F] index places every feature K times (e.g. K=2 for DPO: the chosen and the rejected row share the
+        prompt's images, so the tower runs once per pair).
         """
         embeds = self.language_model.embed(input_ids)  # [B, L, D]
         if image_features is None:
             return embeds
         b, length, d = embeds.shape
-        flat = embeds.reshape(b * length, d).at[image_token_index].set(image_features.astype(embeds.dtype), mode="drop")
+        copies = 1 if image_token_index.ndim == 1 else image_token_index.shape[0]
+        features = jnp.tile(image_features.astype(embeds.dtype), (copies, 1))  # [K*F, D]
+        flat = embeds.reshape(b * length, d).at[image_token_index.reshape(-1)].set(features, mode="drop")
         return flat.reshape(b, length, d)
 
     def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None):

@@ -150,3 +150,25 @@ def test_bf16_model_close_to_fp32(checkpoint, tmp_path):
     assert kl.mean() < 5e-3 and kl.max() < 5e-2
     top1 = (ref.argmax(-1) == got.argmax(-1))[mask.astype(bool)].mean()
     assert top1 > 0.9
+
+
+def test_shared_image_features_scatter_into_two_rows(checkpoint):
+    """DPO layout: one image, encoded once, placed in a chosen and a rejected row via a [2, F] index."""
+    _, ours = checkpoint
+    rng = np.random.default_rng(8)
+    grids = np.array([GRID_A])
+    prompt = text(rng, 4) + image_span(GRID_A) + text(rng, 3)
+    chosen, rejected = prompt + text(rng, 6), prompt + text(rng, 9)
+    pv = rng.standard_normal((int(np.prod(GRID_A)), 1176)).astype(np.float32)
+    ids, mask = pad_rows([chosen, rejected], "right")
+    positions = np.concatenate(  # each row has its own copy of the image
+        [mrope_position_ids(ids[i:i + 1], grids, mask[i:i + 1], image_token_id=IMAGE_TOKEN) for i in range(2)], axis=1)
+    arrays = ours.prepare_inputs(ids, mask, position_ids=positions)
+    slots = [np.flatnonzero((ids == IMAGE_TOKEN).reshape(-1) & (np.arange(ids.size) // ids.shape[1] == r))
+             for r in range(2)]
+    layout = {k: jnp.asarray(v) for k, v in vision_layout(grids, ours.config.vision).arrays().items()}
+    logits = ours.forward(**{k: jnp.asarray(v) for k, v in arrays.items()}, pixel_values=jnp.asarray(pv),
+                          vision=layout, image_token_index=jnp.asarray(np.stack(slots)))
+    for r, row in enumerate([chosen, rejected]):
+        alone = np.asarray(ours(np.array([row]), None, pv, grids))[0]
+        np.testing.assert_allclose(np.asarray(logits)[r, : len(row)], alone, atol=1e-5, rtol=0)

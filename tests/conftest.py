@@ -1,0 +1,21 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(tmp_path_factory):
+    """A directory holding the offline demo tokenizer (tokenizer.json + tokenizer_config.json), built once."""
+    from medee_jax.data.demo_tokenizer import build_demo_tokenizer
+
+    out = tmp_path_factory.mktemp("demo_tokenizer")
+    build_demo_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(demo_tokenizer_dir):
+    """The demo tokenizer loaded as a `medee_jax.data.tokenize.ChatTokenizer`."""
+    from medee_jax.data.tokenize import load_chat_tokenizer
+
+    return load_chat_tokenizer(demo_tokenizer_dir)

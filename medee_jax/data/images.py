@@ -1,0 +1,363 @@
+"""Image loading with validation, and the two VLM image preprocessors, in numpy + PIL.
+
+- `load_image(path)`: open and fully decode an image file, or raise `ImageError` (a `BadRecordError`) naming the
+  file and a reason code: missing_image, empty_image, corrupt_image, truncated_image, decompression_bomb,
+  extreme_aspect_ratio. Returns an upright (EXIF-rotated) RGB image; transparency is composited onto white, the
+  same conversion transformers' image processors apply to a PIL image.
+- `qwen2_vl_preprocess(images, min_pixels, max_pixels)` -> `(pixel_values [P, 1176] f32, image_grid_thw [n, 3]
+  i64)`, equal to transformers' `Qwen2VLImageProcessorPil` with the same min/max pixels.
+- `internvl_preprocess(images, crop_to_patches, min_patches, max_patches)` -> `(pixel_values [tiles, 3, 448, 448]
+  f32, num_patches [n] i64)`, equal to transformers' `GotOcr2ImageProcessorPil` configured as InternVL3's "-hf"
+  processor (448 px tiles, ImageNet mean/std, bicubic, a thumbnail tile when an image has more than one tile).
+- `prescale_image(image, image_max_pixels, image_min_pixels)`: LLaMA-Factory's optional area clamp applied
+  before a processor (separate from, and in addition to, the processors' own resizing).
+
+The pixel pipeline mirrors transformers' PIL backend step by step so results agree to float32 rounding:
+convert to RGB (alpha composited onto white) -> uint8 -> PIL resize (bicubic) -> uint8 -> x * (1/255) in float64
+cast to float32 -> (x - mean) / std in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import warnings
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medee_jax.data import errors
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Pillow's own warning threshold (about 9459 x 9459). Larger images are refused as possible decompression bombs.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+MAX_ASPECT_RATIO = 200.0
+
+# Qwen2-VL image processor class defaults. The Qwen2.5-VL hub preprocessor_config.json uses max_pixels 12845056.
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 1280
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+
+
+class ImageError(errors.BadRecordError):
+    """An unusable image. `path` is the image file (None for in-memory images), `reason` a reason code."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str, detail: str):
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(None, None, reason, detail, image=self.path)
+
+    def __reduce__(self):
+        return (ImageError, (self.path, self.reason, self.detail))
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_image(
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
+) -> Image.Image:
+    """Open, fully decode and validate an image file; return it upright and in RGB.
+
+    Raises `ImageError` with reason missing_image (no such file, or not a file), empty_image (0-byte file or zero
+    width/height), corrupt_image (not a decodable image), truncated_image (decoding ran out of data),
+    decompression_bomb (more than `max_pixels` pixels, or Pillow's own bomb check fired) or extreme_aspect_ratio
+    (long side / short side > `max_aspect_ratio`, which Qwen2-VL's resize rejects).
+
+    Truncation is detected only while Pillow's global `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(path, errors.MISSING_IMAGE, f"image file not found: {path}")
+    if not os.path.isfile(path):
+        raise ImageError(path, errors.MISSING_IMAGE, f"image path is not a file: {path}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageError(path, errors.EMPTY_IMAGE, f"image file is empty (0 bytes): {path}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _check_size(path, opened.size, max_pixels, max_aspect_ratio)
+                opened.load()
+                image = to_rgb(ImageOps.exif_transpose(opened))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        detail = f"image too large, refused as a decompression bomb: {path} ({e})"
+        raise ImageError(path, errors.DECOMPRESSION_BOMB, detail) from e
+    except UnidentifiedImageError as e:
+        if _png_header_has_zero_size(path):
+            raise ImageError(path, errors.EMPTY_IMAGE, f"image has zero width or height: {path}") from e
+        raise ImageError(path, errors.CORRUPT_IMAGE, f"not a readable image file: {path}") from e
+    except PermissionError as e:
+        raise ImageError(path, errors.MISSING_IMAGE, f"image file is not readable (permission denied): {path}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        if isinstance(e, EOFError) or "truncated" in str(e).lower():
+            raise ImageError(path, errors.TRUNCATED_IMAGE, f"image file is truncated: {path} ({e})") from e
+        raise ImageError(path, errors.CORRUPT_IMAGE, f"image file is corrupt: {path} ({e})") from e
+    return image
+
+
+def _check_size(path, size: tuple[int, int], max_pixels: int, max_aspect_ratio: float) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(path, errors.EMPTY_IMAGE, f"image has zero width or height ({width}x{height}): {path}")
+    if width * height > max_pixels:
+        raise ImageError(
+            path,
+            errors.DECOMPRESSION_BOMB,
+            f"image has {width}x{height} = {width * height} pixels, over the cap of {max_pixels}: {path}",
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise ImageError(
+            path,
+            errors.EXTREME_ASPECT_RATIO,
+            f"image aspect ratio {ratio:.1f} ({width}x{height}) exceeds {max_aspect_ratio:g}: {path}",
+        )
+
+
+def _png_header_has_zero_size(path: str) -> bool:
+    """Pillow refuses a PNG whose header says 0 x N without saying why; tell that case apart from corruption."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return False
+    width = int.from_bytes(head[16:20], "big")
+    height = int.from_bytes(head[20:24], "big")
+    return width == 0 or height == 0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB the way transformers' processors convert a PIL image: transparency is composited onto white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def _as_rgb_image(image: ImageLike) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 [H, W] or [H, W, C]; got dtype {image.dtype}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, a uint8 numpy array or a path; got {type(image).__name__}")
+    if image.width <= 0 or image.height <= 0:
+        raise ImageError(None, errors.EMPTY_IMAGE, f"image has zero width or height ({image.width}x{image.height})")
+    return to_rgb(image)
+
+
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+        return [images]
+    return list(images)
+
+
+def _rescale_normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., 3] -> float32 [..., 3]: x/255 computed in float64 then cast, then (x - mean) / std in float32."""
+    x = (rgb.astype(np.float64) * (1 / 255)).astype(np.float32)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- Qwen2-VL
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Qwen2-VL's target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Each side is rounded to the nearest multiple; if the area is then too large both sides are scaled by
+    sqrt(area / max_pixels) and floored to multiples (at least one factor), if too small scaled up and ceiled.
+    Aspect ratios over 200 are refused (ImageError, reason extreme_aspect_ratio).
+    """
+    if height <= 0 or width <= 0:
+        raise ImageError(None, errors.EMPTY_IMAGE, f"image has zero width or height ({width}x{height})")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            None, errors.EXTREME_ASPECT_RATIO, f"image aspect ratio {ratio:.1f} ({width}x{height}) exceeds 200"
+        )
+    out_h = round(height / factor) * factor
+    out_w = round(width / factor) * factor
+    if out_h * out_w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        out_h = max(factor, math.floor(height / shrink / factor) * factor)
+        out_w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif out_h * out_w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        out_h = math.ceil(height * grow / factor) * factor
+        out_w = math.ceil(width * grow / factor) * factor
+    return out_h, out_w
+
+
+def qwen2_vl_preprocess(
+    images: ImageLike | Sequence[ImageLike],
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+    *,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images -> (pixel_values float32 [sum(t*h*w), C*T*P*P], image_grid_thw int64 [n, 3]), as Qwen2VLImageProcessorPil.
+
+    Each image is resized (bicubic) to `smart_resize` of its size, rescaled and normalised with CLIP mean/std,
+    repeated `temporal_patch_size` times along time (a still image is one frame), and cut into patches. Rows are
+    ordered by merge cell: the merge_size x merge_size patches of one cell are consecutive (row-major within the
+    cell, cells row-major over the image); each row holds features in (C, T, ph, pw) order. With the defaults a
+    row is 3 * 2 * 14 * 14 = 1176 values, grid_thw is (1, H/14, W/14) and the image takes t*h*w / 4 LLM tokens.
+
+    `images`: PIL images (any mode; alpha composited onto white), uint8 arrays, or file paths (`load_image`).
+    The defaults are the processor class defaults; pass the checkpoint's preprocessor_config.json values
+    (Qwen2.5-VL hub: min_pixels 3136, max_pixels 12845056).
+    """
+    factor = patch_size * merge_size
+    all_rows, grids = [], []
+    for item in _as_list(images):
+        image = _as_rgb_image(item)
+        out_h, out_w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+        resized = np.asarray(image.resize((out_w, out_h), resample=Image.Resampling.BICUBIC))  # [H, W, 3] u8
+        pixels = _rescale_normalize(resized, image_mean, image_std).transpose(2, 0, 1)  # [C, H, W]
+        channels = pixels.shape[0]
+        grid_h, grid_w = out_h // patch_size, out_w // patch_size
+        cells = pixels.reshape(
+            channels, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size
+        )
+        # [C, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m(row), m(col), C, p, p]
+        cells = cells.transpose(1, 4, 2, 5, 0, 3, 6)
+        # one frame repeated along time: [..., C, T, p, p]
+        cells = np.broadcast_to(cells[:, :, :, :, :, None], (*cells.shape[:5], temporal_patch_size, *cells.shape[5:]))
+        rows = cells.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+        all_rows.append(np.ascontiguousarray(rows, dtype=np.float32))
+        grids.append((1, grid_h, grid_w))
+    if not all_rows:
+        raise ValueError("qwen2_vl_preprocess needs at least one image")
+    return np.concatenate(all_rows, axis=0), np.asarray(grids, dtype=np.int64)
+
+
+def prescale_image(
+    image: Image.Image,
+    image_max_pixels: int = 768 * 768,
+    image_min_pixels: int = 32 * 32,
+) -> Image.Image:
+    """LLaMA-Factory's pre-processor area clamp (its `image_max_pixels` / `image_min_pixels` options).
+
+    If width * height exceeds `image_max_pixels`, scale both sides by sqrt(image_max_pixels / area) and truncate
+    to integers; then, if the area is below `image_min_pixels`, scale up the same way. Aspect ratio is kept
+    (up to the truncation). Resizing is bicubic (Pillow's default filter for `Image.resize`). The result is
+    then converted to RGB with `to_rgb`. Apply it before `qwen2_vl_preprocess` to reproduce a LLaMA-Factory
+    run; the processor still applies its own min/max pixel rules afterwards.
+    """
+    area = image.width * image.height
+    if area > image_max_pixels:
+        scale = math.sqrt(image_max_pixels / area)
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    area = image.width * image.height
+    if area < image_min_pixels:
+        scale = math.sqrt(image_min_pixels / area)
+        size = (int(image.width * scale), int(image.height * scale))
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    return to_rgb(image)
+
+
+# ----------------------------------------------------------------------------------------------- InternVL
+
+
+def tile_grids(min_patches: int, max_patches: int) -> list[tuple[int, int]]:
+    """All (columns, rows) with min_patches <= columns * rows <= max_patches, ordered by tile count (stable)."""
+    grids = [
+        (cols, rows)
+        for cols in range(1, max_patches + 1)
+        for rows in range(1, max_patches + 1)
+        if min_patches <= cols * rows <= max_patches
+    ]
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def best_tile_grid(
+    height: int, width: int, min_patches: int, max_patches: int, tile_size: int = 448
+) -> tuple[int, int]:
+    """The (columns, rows) grid whose aspect ratio is closest to the image's.
+
+    Candidates are visited in `tile_grids` order; on an exact tie the later (larger) grid wins only while the
+    image area exceeds half the grid's pixel area, so small images are not blown up into many tiles.
+    """
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in tile_grids(min_patches, max_patches):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def internvl_preprocess(
+    images: ImageLike | Sequence[ImageLike],
+    crop_to_patches: bool = True,
+    min_patches: int = 1,
+    max_patches: int = 12,
+    *,
+    image_size: int = 448,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images -> (pixel_values float32 [tiles, 3, S, S], num_patches int64 [n]), as GotOcr2ImageProcessorPil.
+
+    With `crop_to_patches` (and max_patches > 1) each image is resized (bicubic) to the best grid of
+    `image_size` tiles (`best_tile_grid`) and cut into row-major tiles; when that gives more than one tile, a
+    thumbnail (the whole original image resized to S x S) is appended. Otherwise the image becomes one S x S
+    tile. Tiles are rescaled by 1/255 and normalised with ImageNet mean/std (InternVL3 "-hf" settings).
+    """
+    tiles, counts = [], []
+    for item in _as_list(images):
+        image = _as_rgb_image(item)
+        if crop_to_patches and max_patches > 1:
+            cols, rows = best_tile_grid(image.height, image.width, min_patches, max_patches, image_size)
+            canvas = np.asarray(
+                image.resize((image_size * cols, image_size * rows), resample=Image.Resampling.BICUBIC)
+            )  # [rows*S, cols*S, 3] u8
+            image_tiles = [
+                canvas[r * image_size : (r + 1) * image_size, c * image_size : (c + 1) * image_size]
+                for r in range(rows)
+                for c in range(cols)
+            ]
+            if len(image_tiles) > 1:
+                image_tiles.append(
+                    np.asarray(image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC))
+                )
+        else:
+            image_tiles = [np.asarray(image.resize((image_size, image_size), resample=Image.Resampling.BICUBIC))]
+        counts.append(len(image_tiles))
+        for tile in image_tiles:
+            tiles.append(_rescale_normalize(tile, image_mean, image_std).transpose(2, 0, 1))  # [3, S, S]
+    if not tiles:
+        raise ValueError("internvl_preprocess needs at least one image")
+    return np.ascontiguousarray(np.stack(tiles), dtype=np.float32), np.asarray(counts, dtype=np.int64)

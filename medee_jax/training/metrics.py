@@ -1,0 +1,511 @@
+"""Training metrics: TensorBoard event files, a JSONL log, a console progress line, and MFU arithmetic.
+
+* ``EventFileWriter`` writes TensorBoard event files itself (TFRecord framing with masked CRC32C and a hand-encoded
+  ``Event`` protobuf), so neither TensorFlow nor the ``tensorboard`` package is needed at run time.
+* ``MetricsLogger`` is what the trainer calls once per logged step: one JSON line in ``workdir/metrics.jsonl``,
+  TensorBoard scalars in ``workdir/tensorboard/``, and a progress line on stderr. Only the chief process writes.
+* ``flops_per_token`` / ``vision_flops_per_patch`` / ``mfu`` / ``peak_flops_per_device`` give model FLOPs
+  utilisation; ``measure_cpu_matmul_peak`` measures this machine's own matmul peak for benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import struct
+import sys
+import time
+from collections import deque
+from typing import Any, Callable, Mapping, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------------
+# CRC32C (Castagnoli) and TFRecord framing.
+
+_CRC32C_POLY = 0x82F63B78  # reflected form of 0x1EDC6F41
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ _CRC32C_POLY if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """Returns the CRC32C (Castagnoli) checksum of ``data`` (``crc32c(b"123456789") == 0xE3069283``)."""
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """Returns TFRecord's masked CRC32C: rotate right by 15 bits, add 0xa282ead8 (mod 2^32)."""
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(data: bytes) -> bytes:
+    """Returns one TFRecord: uint64 length, masked CRC of the length, data, masked CRC of the data (little-endian)."""
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A minimal protobuf encoder for tensorflow.Event / Summary / Summary.Value.
+
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(n: int) -> bytes:
+    """Returns the base-128 varint of n; negative int64 values take their 64-bit two's complement (10 bytes)."""
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _key(field, _LEN) + _varint(len(payload)) + payload
+
+
+def _summary_value(tag: str, value: float) -> bytes:
+    """``Summary.Value { string tag = 1; float simple_value = 2; }``"""
+    with np.errstate(over="ignore"):  # beyond float32's range -> +-inf, as TensorFlow stores it
+        as_f32 = np.asarray(value, dtype="<f4").tobytes()
+    return _len_field(1, tag.encode("utf-8")) + _key(2, _FIXED32) + as_f32
+
+
+def encode_event(*, wall_time: float, step: int = 0, file_version: str | None = None,
+                 scalars: Mapping[str, float] | None = None) -> bytes:
+    """Returns a serialized ``Event`` (wall_time = 1, step = 2, file_version = 3, summary = 5)."""
+    out = _key(1, _FIXED64) + struct.pack("<d", wall_time)
+    if step:
+        out += _key(2, _VARINT) + _varint(int(step))
+    if file_version is not None:
+        out += _len_field(3, file_version.encode("utf-8"))
+    if scalars:
+        summary = b"".join(_len_field(1, _summary_value(tag, v)) for tag, v in scalars.items())  # Summary.value = 1
+        out += _len_field(5, summary)
+    return out
+
+
+class EventFileWriter:
+    """Writes scalars to a TensorBoard event file ``logdir/events.out.tfevents.<time>.<host>.<pid>``.
+
+    Writes are buffered; ``flush()`` hands them to the OS (what a reader sees), ``close()`` flushes and closes.
+    """
+
+    def __init__(self, logdir: str | os.PathLike):
+        self.logdir = os.fspath(logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        base = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        path, k = os.path.join(self.logdir, base), 0
+        while os.path.exists(path):  # a second writer in the same second and process: keep both files
+            k += 1
+            path = os.path.join(self.logdir, f"{base}.{k}")
+        self.path = path
+        self._file = open(path, "xb")
+        self._write(encode_event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.flush()
+
+    def _write(self, event: bytes) -> None:
+        if self._file is None:
+            raise ValueError(f"{self.path}: event file writer is closed")
+        self._file.write(tfrecord_frame(event))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Records one scalar (stored as float32) at ``step``."""
+        self._write(encode_event(wall_time=time.time(), step=step, scalars={tag: float(value)}))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Records several scalars at ``step`` in one event."""
+        if values:
+            self._write(encode_event(wall_time=time.time(), step=step,
+                                     scalars={tag: float(v) for tag, v in values.items()}))
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "EventFileWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics logger: JSONL + TensorBoard + console progress.
+
+# Keys the progress line reads from ``log``'s metrics (an optional "train/" prefix is accepted).
+LOSS_KEYS = ("loss",)
+LR_KEYS = ("learning_rate", "lr")
+TOKENS_PER_S_KEYS = ("tokens_per_s",)
+TOKENS_PER_STEP_KEYS = ("tokens",)
+MFU_KEYS = ("mfu",)
+
+
+def _as_float(v: Any) -> float | None:
+    """Returns v as a float if it is a number (Python, NumPy or a 0-d array), else None."""
+    if v is None or isinstance(v, (str, bool)):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _find(numeric: Mapping[str, float], names: tuple[str, ...]) -> float | None:
+    for name in names:
+        for key in (name, f"train/{name}"):
+            if key in numeric:
+                return numeric[key]
+    return None
+
+
+def _plain_value(v: Any) -> Any:
+    """Returns v as a JSON-able Python value: int, finite float, "nan"/"inf"/"-inf", None, or str."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    try:
+        f = float(v)  # Python/NumPy floats and 0-d NumPy/JAX arrays
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isfinite(f):
+        return f
+    return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+
+
+def format_duration(seconds: float) -> str:
+    """Returns ``M:SS`` under an hour, else ``H:MM:SS``."""
+    s = int(round(max(seconds, 0.0)))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _fmt_num(x: float | None, spec: str) -> str:
+    if x is None:
+        return "?"
+    return format(x, spec) if math.isfinite(x) else str(x)
+
+
+class MetricsLogger:
+    """Logs training metrics: one JSON line per ``log`` in ``workdir/metrics.jsonl``, TensorBoard scalars in
+    ``workdir/tensorboard/``, and a progress line on stderr. Non-chief processes write nothing.
+
+    ``log(step, metrics)``: ``step`` counts completed steps (1..total_steps). The progress line reads ``loss``,
+    ``learning_rate`` (or ``lr``), ``tokens_per_s`` (else ``tokens`` per step divided by the measured step time)
+    and ``mfu``, each optionally prefixed ``train/``. Step time is measured between ``log`` calls (so it includes
+    input and host time) and averaged over the last ``window`` intervals; the first call's interval (compilation)
+    is not counted. On a TTY the line is rewritten in place with a carriage return; otherwise (CI, log files) a
+    plain line is printed at the first log, then at most every ``plain_interval_s`` seconds, and at the last step.
+    Non-finite values are written to JSON as the strings "nan", "inf", "-inf" (``float()`` reads them back) and
+    ``None`` as null; TensorBoard receives every numeric value.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, total_steps: int, is_chief: bool = True,
+                 use_tensorboard: bool = True, console: bool = True, stream: TextIO | None = None,
+                 plain_interval_s: float = 30.0, window: int = 20,
+                 clock: Callable[[], float] = time.monotonic):
+        self.workdir = os.fspath(workdir)
+        self.total_steps = int(total_steps)
+        self.is_chief = bool(is_chief)
+        self.console = console and self.is_chief
+        self._stream = stream
+        self.plain_interval_s = plain_interval_s
+        self._clock = clock
+        self._intervals: deque[tuple[float, int]] = deque(maxlen=max(1, window))  # (seconds, steps)
+        self._start = clock()
+        self._last: tuple[float, int] | None = None  # (clock, step) of the previous log call
+        self._last_print: float | None = None
+        self._line_len = 0
+        self._open_tty_line = False
+        self._last_loss: float | None = None
+        self._last_step = 0
+        self._tokens_per_s: list[float] = []
+        self._jsonl = None
+        self._events: EventFileWriter | None = None
+        if self.is_chief:
+            os.makedirs(self.workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            if use_tensorboard:
+                self._events = EventFileWriter(os.path.join(self.workdir, "tensorboard"))
+
+    # -- timing ---------------------------------------------------------------------------------------------------
+
+    def step_time(self) -> float | None:
+        """Returns the moving-average seconds per step, or None before two log calls."""
+        seconds = sum(s for s, _ in self._intervals)
+        steps = sum(n for _, n in self._intervals)
+        return seconds / steps if steps > 0 else None
+
+    def eta(self) -> float | None:
+        """Returns the estimated seconds to ``total_steps``, or None when unknown."""
+        st = self.step_time()
+        return None if st is None else st * max(self.total_steps - self._last_step, 0)
+
+    # -- logging --------------------------------------------------------------------------------------------------
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records ``metrics`` (name -> number) at ``step``."""
+        if not self.is_chief:
+            return
+        step = int(step)
+        now = self._clock()
+        if self._last is not None and step > self._last[1]:
+            self._intervals.append((now - self._last[0], step - self._last[1]))
+        self._last = (now, step)
+        self._last_step = step
+
+        plain = {k: _plain_value(v) for k, v in metrics.items()}
+        record = {"step": step, "time": time.time(), **{k: v for k, v in plain.items() if k not in ("step", "time")}}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+        numeric = {k: f for k, f in ((k, _as_float(v)) for k, v in metrics.items()) if f is not None}
+        if self._events is not None:
+            self._events.scalars(numeric, step)
+            self._events.flush()
+
+        loss = _find(numeric, LOSS_KEYS)
+        if loss is not None:
+            self._last_loss = loss
+        tps = _find(numeric, TOKENS_PER_S_KEYS)
+        if tps is None:
+            tokens, st = _find(numeric, TOKENS_PER_STEP_KEYS), self.step_time()
+            tps = tokens / st if tokens is not None and st else None
+        if tps is not None and math.isfinite(tps):
+            self._tokens_per_s.append(tps)
+        if self.console:
+            self._show(self.progress_line(step, loss, _find(numeric, LR_KEYS), tps, _find(numeric, MFU_KEYS)), now)
+
+    def progress_line(self, step: int, loss: float | None, lr: float | None, tokens_per_s: float | None,
+                      mfu: float | None = None) -> str:
+        """Returns the one-line progress display for these values (and this logger's timing)."""
+        total = max(self.total_steps, 1)
+        frac = min(max(step / total, 0.0), 1.0)
+        filled = int(frac * 20)
+        st, eta = self.step_time(), self.eta()
+        parts = [
+            f"step {step}/{self.total_steps} [{'#' * filled}{'.' * (20 - filled)}] {frac * 100:3.0f}%",
+            f"loss {_fmt_num(loss, '.4f')}",
+            f"lr {_fmt_num(lr, '.2e')}",
+            f"tokens/s {_fmt_num(tokens_per_s, ',.0f')}",
+        ]
+        if mfu is not None:
+            parts.append(f"MFU {_fmt_num(None if not math.isfinite(mfu) else mfu * 100, '.1f')}%")
+        parts.append(f"{_fmt_num(st, '.3f')} s/step")
+        parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
+        return " | ".join(parts)
+
+    def _out(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def _is_tty(self) -> bool:
+        try:
+            return bool(self._out().isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def _show(self, line: str, now: float) -> None:
+        out = self._out()
+        if self._is_tty():
+            width = shutil.get_terminal_size((120, 24)).columns - 1
+            line = line[:width]
+            out.write("\r" + line + " " * max(self._line_len - len(line), 0))
+            self._line_len = len(line)
+            self._open_tty_line = True
+        else:
+            due = (self._last_print is None or now - self._last_print >= self.plain_interval_s
+                   or self._last_step >= self.total_steps)
+            if not due:
+                return
+            out.write(line + "\n")
+        self._last_print = now
+        out.flush()
+
+    def summary(self) -> str:
+        """Returns a one-line summary: steps done, wall time, final loss, mean tokens/s and step time."""
+        elapsed = self._clock() - self._start
+        tps = sum(self._tokens_per_s) / len(self._tokens_per_s) if self._tokens_per_s else None
+        return (f"done {self._last_step}/{self.total_steps} steps in {format_duration(elapsed)} | "
+                f"final loss {_fmt_num(self._last_loss, '.4f')} | mean tokens/s {_fmt_num(tps, ',.0f')} | "
+                f"{_fmt_num(self.step_time(), '.3f')} s/step")
+
+    def close(self) -> None:
+        """Ends the progress line and closes the files (safe to call twice)."""
+        if self._open_tty_line:
+            self._out().write("\n")
+            self._out().flush()
+            self._open_tty_line = False
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs and MFU.
+#
+# Conventions: a multiply-add is 2 FLOPs; a backward pass costs twice its forward (training = 3x forward).
+# Only matmuls are counted (no norms, activations, softmax, rotary, biases or the embedding gather).
+# Attention scores/values use the full (padded) sequence length with no causal halving, as in PaLM's
+# appendix B: halving would count only the FLOPs a causal kernel could skip, and the dense kernels this
+# project runs do not skip them.
+
+FLOPS_MODES = ("sft", "dpo_frozen_ref", "dpo_no_ref", "forward")
+
+
+def text_matmul_params(text_cfg) -> int:
+    """Returns the matmul weights one token passes through: per layer q/k/v/o and gate/up/down, plus the LM head."""
+    d, i, h, kv, dh = (text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_attention_heads,
+                       text_cfg.num_key_value_heads, text_cfg.head_dim)
+    attention = d * h * dh + 2 * d * kv * dh + h * dh * d  # q, k, v, o
+    mlp = 3 * d * i  # gate, up, down
+    return text_cfg.num_hidden_layers * (attention + mlp) + d * text_cfg.vocab_size
+
+
+def flops_per_token(text_cfg, *, seq_len: int, mode: str) -> float:
+    """Returns the text decoder's FLOPs per token for one training step.
+
+    ``sft`` / ``dpo_no_ref``: 6·N + 12·layers·seq_len·heads·head_dim (forward + backward, N = matmul params);
+    ``dpo_frozen_ref`` adds a forward-only reference pass: 2·N + 4·layers·seq_len·heads·head_dim;
+    ``forward`` (evaluation) is the forward pass alone.
+    """
+    n = text_matmul_params(text_cfg)
+    attn_fwd = 2 * 2 * text_cfg.num_hidden_layers * seq_len * text_cfg.num_attention_heads * text_cfg.head_dim
+    fwd = 2.0 * n + attn_fwd
+    if mode in ("sft", "dpo_no_ref"):
+        return 3.0 * fwd
+    if mode == "dpo_frozen_ref":
+        return 3.0 * fwd + fwd
+    if mode == "forward":
+        return fwd
+    raise ValueError(f"unknown FLOPs mode {mode!r}; expected one of {', '.join(FLOPS_MODES)}")
+
+
+def vision_flops_per_patch(vision_cfg, *, trained: bool = False, patches_per_image: int = 1024) -> float:
+    """Returns the vision tower's FLOPs per input patch: forward only when frozen, 3x forward when ``trained``.
+
+    Counts the patch embedding, each block's qkv/proj/gate/up/down, the merger's two linears (per patch: divided
+    by the merge unit) and attention. Window blocks attend within a window of (window_size/patch_size)^2 patches
+    and full-attention blocks within the image (``patches_per_image``, 1024 = a 448x448 image); edge windows are
+    counted as full windows.
+    """
+    d, i = vision_cfg.hidden_size, vision_cfg.intermediate_size
+    m = d * vision_cfg.merge_unit
+    macs = vision_cfg.patch_dim * d
+    macs += vision_cfg.depth * (3 * d * d + d * d + 3 * d * i)
+    macs += (m * m + m * vision_cfg.out_hidden_size) / vision_cfg.merge_unit
+    window = min((vision_cfg.window_size // vision_cfg.patch_size) ** 2, patches_per_image)
+    n_full = len(vision_cfg.fullatt_block_indexes)
+    macs += 2 * d * (n_full * patches_per_image + (vision_cfg.depth - n_full) * window)  # q·k and p·v
+    fwd = 2.0 * macs
+    return 3.0 * fwd if trained else fwd
+
+
+# Dense bf16 peak FLOP/s per chip, keyed by substrings of ``jax.devices()[0].device_kind`` (longest match wins).
+PEAK_FLOPS: dict[str, float] = {
+    "TPU v2": 45e12,
+    "TPU v3": 123e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p reports "TPU v5"
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H800": 989e12,
+    "H200": 989e12,
+    "B200": 2250e12,
+    "L4": 121e12,
+    "L40": 181e12,
+    "L40S": 362e12,
+}
+
+
+def lookup_peak_flops(device_kind: str) -> float | None:
+    """Returns the table's peak for ``device_kind`` (longest matching key, case-insensitive), or None."""
+    kind = device_kind.lower()
+    matches = [key for key in PEAK_FLOPS if key.lower() in kind]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def peak_flops_per_device(configured: float | None = None, *, device_kind: str | None = None) -> float | None:
+    """Returns ``configured`` if > 0, else the table's peak for this (or the given) device kind, else None."""
+    if configured is not None and configured > 0:
+        return float(configured)
+    if device_kind is None:
+        device_kind = jax.devices()[0].device_kind
+    return lookup_peak_flops(device_kind)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+    """Returns achieved FLOP/s over the devices' peak (a fraction), or None when the peak is unknown."""
+    if peak_per_device is None or peak_per_device <= 0 or num_devices <= 0:
+        return None
+    value = tokens_per_s * flops_per_token / (num_devices * peak_per_device)
+    return value if math.isfinite(value) else None
+
+
+def measure_cpu_matmul_peak(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Returns FLOP/s of a jitted n x n matmul on the default device (median of ``repeats`` timed runs)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times)

@@ -1,0 +1,171 @@
+"""From the input pipeline's per-shard host batches to global device arrays.
+
+Each data shard (data x fsdp device group) gets its own complete batch from this process's Grain iterator. The
+shards of one step are padded to a common bucket (sequence length L and patch count P), stacked along a leading
+axis S and assembled into global arrays sharded over data x fsdp. A text-only shard in a step whose other shards
+have images gets an empty vision input (zero patches, every feature row dropped), so all shards share one program.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from ..data import pipeline
+from ..models.vision_layout import vision_layout
+from .mesh import local_data_shards, stack_shards, to_global
+
+log = logging.getLogger("medee_jax.train")
+
+ROW_KEYS = ("input_ids", "attention_mask", "segment_ids", "labels", "loss_mask")
+
+
+def _pad_last(x: np.ndarray, length: int) -> np.ndarray:
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])]
+    return np.pad(x, pad)
+
+
+def _extend_layout(vision: dict, patches: int, unit: int) -> dict:
+    """Returns vision layout arrays padded from P0 to ``patches`` patches with isolated padding cells."""
+    p0 = vision["window_segments"].shape[0]
+    if p0 == patches:
+        return vision
+    cells0, cells = p0 // unit, patches // unit
+    extra = np.arange(cells0, cells, dtype=np.int32)
+    return {
+        "rot_pos": np.concatenate([vision["rot_pos"], np.zeros((patches - p0, 2), np.int32)]),
+        "window_index": np.concatenate([vision["window_index"], extra]),
+        "reverse_index": np.concatenate([vision["reverse_index"], extra]),
+        "window_segments": np.concatenate([vision["window_segments"],
+                                           np.full(patches - p0, vision["window_segments"].max() + 1, np.int32)]),
+        "image_segments": np.concatenate([vision["image_segments"],
+                                          np.full(patches - p0, vision["image_segments"].max() + 1, np.int32)]),
+    }
+
+
+def pad_shard_batch(batch: dict, length: int, patches: int | None, vision_cfg) -> dict:
+    """Returns ``batch`` padded to sequence length ``length`` and (if not None) ``patches`` vision patches."""
+    rows, l0 = batch["input_ids"].shape
+    out = dict(batch)
+    for key in ROW_KEYS:
+        out[key] = _pad_last(batch[key], length)
+    out["position_ids"] = _pad_last(batch["position_ids"], length)
+    if patches is None:
+        return out
+    unit = vision_cfg.spatial_merge_size ** 2
+    copies = 2 if "pair_mask" in batch else 1
+    if "pixel_values" in batch:
+        p0 = batch["pixel_values"].shape[0]
+        out["pixel_values"] = np.pad(batch["pixel_values"], ((0, patches - p0), (0, 0)))
+        out["vision"] = _extend_layout(batch["vision"], patches, unit)
+        index = np.asarray(batch["image_token_index"]).reshape(copies, -1)
+        valid = index < rows * l0
+        rebased = np.where(valid, (index // l0) * length + index % l0, rows * length)
+        index = np.pad(rebased, ((0, 0), (0, (patches - p0) // unit)), constant_values=rows * length)
+    else:
+        out["pixel_values"] = np.zeros((patches, vision_cfg.patch_dim), np.float32)
+        out["vision"] = vision_layout(np.zeros((0, 3), np.int64), vision_cfg, pad_to=patches).arrays()
+        index = np.full((copies, patches // unit), rows * length, np.int32)
+    out["image_token_index"] = (index[0] if copies == 1 else index).astype(np.int32)
+    return out
+
+
+def common_shapes(batches: list[dict]) -> tuple[int, int | None]:
+    """Returns (L, P) every shard of a step is padded to (P None when no shard has images)."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    with_images = [b["pixel_values"].shape[0] for b in batches if "pixel_values" in b]
+    return length, (max(with_images) if with_images else None)
+
+
+class BatchSource:
+    """This process's input iterator for one split, yielding stacked per-shard batches [S_local, ...]."""
+
+    def __init__(self, data, split: str, config, model_cfg, mesh):
+        self.split = split
+        self.mesh = mesh
+        self.model_cfg = model_cfg
+        self.shards = local_data_shards(mesh)
+        path = data.train_path if split == "train" else data.eval_path
+        d = config.data
+        self.data_config = pipeline.DataConfig(
+            paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
+            max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
+            packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
+            shuffle=bool(d.shuffle) and split == "train", num_epochs=None if split == "train" else 1,
+            num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+            on_bad_record=d.on_bad_record, media_root=data.media_root or None)
+        self._iterator = None
+        self._batches_per_epoch = None
+
+    @property
+    def iterator(self):
+        if self._iterator is None:
+            self._iterator = pipeline.make_iterator(self.data_config, self.model_cfg)
+        return self._iterator
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Returns the number of steps' worth of stacked batches one epoch gives (counted by a dry pass)."""
+        if self._batches_per_epoch is None:
+            once = pipeline.make_iterator(self.data_config.with_updates(num_epochs=1), self.model_cfg)
+            count = sum(1 for _ in once)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                count = int(np.min(multihost_utils.process_allgather(np.array([count]))))
+            self._batches_per_epoch = count // self.shards
+        return self._batches_per_epoch
+
+    def reset(self) -> None:
+        """Starts the split again from its beginning (used for evaluation passes)."""
+        self._iterator = None
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.iterator.set_state(state)
+
+    def next_local(self, allow_end: bool = False) -> dict | None:
+        """Returns this process's next stacked host batch [S_local, ...]; None at the end of a finite split."""
+        shards = []
+        for _ in range(self.shards):
+            try:
+                shards.append(next(self.iterator))
+            except StopIteration:
+                if allow_end:
+                    break
+                raise
+        if not shards:
+            return None
+        while len(shards) < self.shards:  # end of an evaluation split: fill with an all-padding shard
+            shards.append(_empty_like(shards[0]))
+        length, patches = common_shapes(shards)
+        cfg = self.model_cfg.vision
+        shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
+        return stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
+
+    def to_device(self, local: dict) -> dict:
+        """Returns global device arrays for a stacked host batch."""
+        return to_global(self.mesh, local)
+
+
+_DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
+                "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps")
+
+
+def _empty_like(batch: dict) -> dict:
+    """Returns a batch of the same shapes with no tokens, targets or images (it contributes nothing)."""
+    out = {}
+    for key, value in batch.items():
+        if key == "vision":
+            out[key] = value
+        elif key == "image_token_index":
+            rows, length = batch["input_ids"].shape
+            out[key] = np.full_like(value, rows * length)
+        elif isinstance(value, np.ndarray):
+            out[key] = np.zeros_like(value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a training run: train state + the data iterator's state, async, keeping the last N.
+
+Layout under ``workdir/checkpoints/<step>/``:
+  ``state/``  the train state pytree: trainable ``params``, ``frozen`` params, ``opt_state``, ``step``, counters;
+  ``data/``   one JSON file per process with its input iterator's state (grain's checkpoint handler).
+``workdir/model_config.json`` holds the model's config.json so a later stage can rebuild the model
+(``--config.model.init_from=<workdir>`` makes a Stage-I run the Stage-II policy and reference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class IteratorSnapshot:
+    """The state of a data iterator captured at a step boundary (async saves must not see later batches)."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        state = self.state
+        return state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def set_state(self, state) -> None:
+        self.state = state
+
+    def start_prefetch(self) -> None:  # called by grain's handler after restore
+        pass
+
+
+def _decode_iterator_state(state):
+    if isinstance(state, bytes):
+        state = state.decode()
+    if isinstance(state, str):
+        return json.loads(state)
+    return state
+
+
+class RunCheckpointer:
+    """Saves and restores a run's state and data-iterator state with an Orbax CheckpointManager."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, iterator_state, *, force: bool = False) -> bool:
+        """Starts saving ``state`` and the iterator state (captured now) at ``step``; returns whether it saved."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain_checkpoint.CheckpointSave(IteratorSnapshot(iterator_state)),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state: dict) -> tuple[dict, object]:
+        """Returns (state placed like ``abstract_state``'s shardings, the iterator state) of checkpoint ``step``."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain_checkpoint.CheckpointRestore(IteratorSnapshot()),
+        )
+        restored = self.manager.restore(step, args=args)
+        return restored["state"], _decode_iterator_state(restored["data"].state)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings=None):
+    """Returns ShapeDtypeStructs (with shardings when given) describing ``tree`` for a restore."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_model_params(workdir: str, abstract_params: dict, step: int | None = None) -> dict:
+    """Returns the full model params (trainable + frozen merged) of a training run's checkpoint.
+
+    ``abstract_params`` is the pure-dict of the model's params (ShapeDtypeStructs with shardings).
+    """
+    directory = os.path.join(workdir, "checkpoints")
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint to initialise from")
+    meta = manager.item_metadata(step)["state"]
+    restore_args = {}
+    for part in ("params", "frozen"):
+        restore_args[part] = _subset(abstract_params, meta[part])
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=restore_args, partial_restore=True)))["state"]
+    manager.close()
+    return _merge(restored["params"], restored["frozen"])
+
+
+def _subset(full: dict, like: dict) -> dict:
+    return {k: _subset(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
+    return out

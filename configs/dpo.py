@@ -15,7 +15,7 @@ def get_config():
     c = base_config("dpo")
     c.optimizer.lr = 5e-7
     c.optimizer.warmup_ratio = 0.1
-    c.data.num_epochs = 2
+    c.data.num_epochs = 1
     c.dpo.loss_type = "sigmoid"
     c.dpo.beta = 0.1
     _embedded_demo(c)
@@ -26,10 +26,10 @@ def _embedded_demo(c):
     """CPU-sized defaults for the embedded demo; real runs override model.checkpoint / model.init_from."""
     c.model.dtype = "float32"
     c.model.remat = "none"
-    c.optimizer.lr = 1e-3
+    c.optimizer.lr = 2e-4
     c.data.max_length = 384
     c.data.seq_buckets = (256, 384)
-    c.data.patch_buckets = (128, 256)
+    c.data.patch_buckets = (256, 512, 1024)
     c.data.max_pixels = 224 * 224
     c.data.batch_size = 4
     c.train.checkpoint_every = 50

@@ -27,7 +27,7 @@ def _embedded_demo(c):
     c.optimizer.lr = 2e-3
     c.data.max_length = 256
     c.data.seq_buckets = (128, 256)
-    c.data.patch_buckets = (128, 256)
+    c.data.patch_buckets = (256, 512, 1024)
     c.data.max_pixels = 224 * 224
     c.data.batch_size = 8
     c.train.checkpoint_every = 50

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from ..models import config as model_config
 from ..models.qwen2_5_vl import Qwen25VL
@@ -154,6 +155,8 @@ class Trainer:
             "nonfinite_in_a_row": jax.device_put(jnp.int32(0), rep),
             "nonfinite_total": jax.device_put(jnp.int32(0), rep),
         }
+        # Leaves created inside jit without inputs (optimizer counts) land on one device: replicate them.
+        state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), state)
         return state, optimizer, schedule
 
     def run(self) -> RunResult:

@@ -1,0 +1,402 @@
+"""Host-side batch assembly: packing, bucketed padding, M-RoPE positions, vision layout, scatter indices.
+
+Device batch contract (what `medee_jax.data.pipeline` yields and the trainer consumes; numpy arrays)
+=====================================================================================================
+
+SFT batch, B rows of length L (L from `length_buckets`):
+  input_ids        [B, L]    int32    token ids; padding is `pad_id` (0)
+  attention_mask   [B, L]    int32    1 on real tokens, 0 on padding
+  segment_ids      [B, L]    int32    1..k for the k examples packed in a row (left to right), 0 on padding
+  position_ids     [3, B, L] int32    M-RoPE (T, H, W) positions, restarting at 0 for every example; 0 on padding
+  labels           [B, L]    int32    labels[b, t] = the token logits[b, t] predicts = input_ids[b, t + 1] when
+                                      t + 1 is in the same example, else 0
+  loss_mask        [B, L]    float32  1 where labels[b, t] is a training target (target_mask[t + 1] of the same
+                                      example), else 0
+  only when at least one image is in the batch:
+  pixel_values     [P, 1176] float32  all images' patches, in the order their image tokens appear in the flattened
+                                      [B * L] batch; zero rows pad P up to a `patch_buckets` size (multiple of 4)
+  vision           dict of the `vision_layout(image_grid_thw, vision_cfg, pad_to=P)` arrays: rot_pos [P, 2],
+                   window_index [P/4], reverse_index [P/4], window_segments [P], image_segments [P] (int32)
+  image_token_index [P/4]    int32    flat index into [B * L] of the image token each merged feature row fills;
+                                      B * L (out of range, dropped) for padding feature rows
+  A text-only batch has none of these three vision keys: the vision tower must not run for it.
+
+DPO batch, n = batch_size pairs, 2n rows: [chosen_0 .. chosen_{n-1}, rejected_0 .. rejected_{n-1}]:
+  input_ids, attention_mask, segment_ids, position_ids, labels, loss_mask as above ([2n, L], [3, 2n, L]); each
+  row is one sequence (segment id 1 on its tokens) with its own labels, loss mask (the completion) and positions;
+  num_target_tokens [2n]     int32    loss_mask.sum(-1): the completion length |y| (for ipo / sigmoid_norm)
+  pair_mask        [n]       float32  1 for real pairs, 0 for padding pairs (a short final batch, or a batch cut
+                                      early by the patch budget); padding pairs have all-zero rows
+  ref_logps        [2n]      float32  only when the records carry precomputed reference log-probs
+                                      ("ref_chosen_logps", "ref_rejected_logps"): per row, 0 for padding pairs
+  with images: pixel_values [P, 1176] holds each pair's images once (pair order), vision as above, and
+  image_token_index [2, P/4] int32: row 0 the flat [2n * L] slots in the chosen rows, row 1 the slots in the
+  rejected rows (feature f goes to both), 2n * L for padding feature rows.
+
+`forward_inputs(batch)` returns the keys `Qwen25VL.forward` takes. Shapes come only from the bucket lists, so a
+run compiles at most len(length_buckets) × (len(patch_buckets) + 1) programs per mode.
+
+Packing (SFT): examples are taken in order and placed first-fit into the B rows of the current batch (row capacity
+max_length); the batch is closed when an example fits in no row or would take the batch's patches past the largest
+patch bucket, and that example opens the next batch. Without packing each row holds one example. Deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # the models package imports jax; keep it out of data worker processes
+    from medee_jax.models.config import VisionConfig
+
+# Keys of a device batch that `Qwen25VL.forward` takes.
+FORWARD_KEYS = (
+    "input_ids", "position_ids", "attention_mask", "segment_ids", "pixel_values", "vision", "image_token_index",
+)
+VISION_KEYS = ("pixel_values", "vision", "image_token_index")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Buckets
+
+
+def power_of_two_buckets(low: int, high: int) -> tuple[int, ...]:
+    """Powers of two from `low` (rounded up to one) to the first one >= high, with the last replaced by `high`."""
+    if low < 1 or high < 1:
+        raise ValueError(f"bucket bounds must be positive, got {low}, {high}")
+    out, b = [], 1 << max(0, (low - 1).bit_length())
+    while b < high:
+        out.append(b)
+        b *= 2
+    out.append(high)
+    return tuple(out)
+
+
+def default_length_buckets(max_length: int, smallest: int = 128) -> tuple[int, ...]:
+    """Sequence-length buckets: 128, 256, ... and max_length last."""
+    return power_of_two_buckets(min(smallest, max_length), max_length)
+
+
+def default_patch_buckets(max_patches: int, smallest: int = 256, multiple: int = 4) -> tuple[int, ...]:
+    """Patch-count buckets: 256, 512, ... and max_patches (rounded up to a multiple of 4) last."""
+    top = -(-max_patches // multiple) * multiple
+    return power_of_two_buckets(min(smallest, top), top)
+
+
+def check_buckets(buckets: Sequence[int], what: str, *, multiple: int = 1) -> tuple[int, ...]:
+    """Returns `buckets` as a sorted tuple of distinct positive ints (each a multiple of `multiple`), or raises."""
+    out = tuple(sorted({int(b) for b in buckets}))
+    if not out or out[0] < 1:
+        raise ValueError(f"{what} must be a non-empty list of positive sizes, got {list(buckets)}")
+    bad = [b for b in out if b % multiple]
+    if bad:
+        raise ValueError(f"{what} must be multiples of {multiple}, got {bad}")
+    return out
+
+
+def pick_bucket(size: int, buckets: Sequence[int]) -> int:
+    """Returns the smallest bucket >= size (buckets sorted ascending)."""
+    for b in buckets:
+        if b >= size:
+            return b
+    raise ValueError(f"size {size} exceeds the largest bucket {buckets[-1]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples (what the tokenize stage of the pipeline produces; plain dicts so Grain moves arrays via shared memory)
+#
+# SFT example:  {"input_ids": int32 [n], "target_mask": int32 [n], "source": "file:line",
+#                "pixel_values": float32 [p, 1176], "image_grid_thw": int64 [k, 3]}   (last two only with images)
+# DPO example:  {"chosen_input_ids", "chosen_target_mask", "rejected_input_ids", "rejected_target_mask",
+#                "source", and "pixel_values", "image_grid_thw" with images, "ref_logps" float32 [2] (chosen, rejected)
+#                when the record has precomputed reference log-probs}
+
+
+def example_patches(example: dict) -> int:
+    """Number of vision patches (pixel_values rows) of an example."""
+    pixels = example.get("pixel_values")
+    return 0 if pixels is None else int(pixels.shape[0])
+
+
+def example_length(example: dict) -> int:
+    """Tokens of an SFT example, or of the longer sequence of a DPO pair."""
+    if "input_ids" in example:
+        return int(example["input_ids"].shape[0])
+    return max(int(example["chosen_input_ids"].shape[0]), int(example["rejected_input_ids"].shape[0]))
+
+
+def shifted_targets(input_ids: np.ndarray, target_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int32 [n], loss_mask float32 [n]) of one sequence: labels[t] = ids[t+1], mask[t] = target[t+1]."""
+    labels = np.zeros_like(input_ids, dtype=np.int32)
+    loss_mask = np.zeros(input_ids.shape, dtype=np.float32)
+    labels[:-1] = input_ids[1:]
+    loss_mask[:-1] = target_mask[1:]
+    return labels, loss_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch spec: the static settings every batch of a run shares
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Static batch settings. batch_size counts rows for SFT and pairs for DPO (2 × batch_size rows)."""
+
+    mode: str  # "sft" | "dpo"
+    batch_size: int
+    max_length: int
+    length_buckets: tuple[int, ...]
+    patch_buckets: tuple[int, ...]
+    image_token_id: int
+    vision: "VisionConfig"
+    packing: bool = True
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("sft", "dpo"):
+            raise ValueError(f"mode must be 'sft' or 'dpo', got {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        unit = self.vision.spatial_merge_size**2
+        object.__setattr__(self, "length_buckets", check_buckets(self.length_buckets, "length_buckets"))
+        object.__setattr__(self, "patch_buckets", check_buckets(self.patch_buckets, "patch_buckets", multiple=unit))
+        if self.length_buckets[-1] < self.max_length:
+            raise ValueError(
+                f"the largest length bucket {self.length_buckets[-1]} is below max_length {self.max_length}; "
+                "add max_length to length_buckets"
+            )
+
+    @property
+    def max_patches(self) -> int:
+        """Patch budget of one batch (the largest patch bucket)."""
+        return self.patch_buckets[-1]
+
+    def new_packer(self) -> "Packer":
+        return Packer(self)
+
+    def build(self, items: list) -> dict[str, Any]:
+        """The device batch of a filled packer's contents (`Packer.items`)."""
+        if self.mode == "sft":
+            return sft_batch(items, self)
+        return dpo_batch(items, self)
+
+
+class Packer:
+    """Collects examples into one batch: SFT rows (first-fit packing) or DPO pairs, within the patch budget."""
+
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+        self.patches = 0
+        if spec.mode == "sft":
+            self.rows: list[list[dict]] = [[] for _ in range(spec.batch_size)]
+            self.used = [0] * spec.batch_size
+        else:
+            self.pairs: list[dict] = []
+
+    @property
+    def num_examples(self) -> int:
+        return sum(len(r) for r in self.rows) if self.spec.mode == "sft" else len(self.pairs)
+
+    @property
+    def empty(self) -> bool:
+        return self.num_examples == 0
+
+    @property
+    def items(self) -> list:
+        return self.rows if self.spec.mode == "sft" else self.pairs
+
+    def add(self, example: dict) -> bool:
+        """Places `example` in this batch and returns True, or returns False if it does not fit (batch is full)."""
+        spec = self.spec
+        n, p = example_length(example), example_patches(example)
+        if n > spec.max_length:
+            raise ValueError(f"{example.get('source')}: {n} tokens exceed max_length {spec.max_length}")
+        if p > spec.max_patches:
+            raise ValueError(f"{example.get('source')}: {p} patches exceed the largest patch bucket {spec.max_patches}")
+        if self.patches + p > spec.max_patches:
+            return False
+        if spec.mode == "dpo":
+            if len(self.pairs) >= spec.batch_size:
+                return False
+            self.pairs.append(example)
+            self.patches += p
+            return True
+        for r in range(spec.batch_size):
+            fits = self.used[r] + n <= spec.max_length if spec.packing else self.used[r] == 0
+            if fits:
+                self.rows[r].append(example)
+                self.used[r] += n
+                self.patches += p
+                return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assembly
+
+
+def _vision_arrays(pixels: list[np.ndarray], grids: list[np.ndarray], spec: BatchSpec) -> dict[str, Any]:
+    """pixel_values padded to a patch bucket and the vision layout; {} without images."""
+    from medee_jax.models.vision_layout import vision_layout
+
+    if not pixels:
+        return {}
+    total = sum(int(p.shape[0]) for p in pixels)
+    bucket = pick_bucket(total, spec.patch_buckets)
+    width = int(pixels[0].shape[1])
+    pixel_values = np.empty((bucket, width), np.float32)  # [P, 1176]
+    np.concatenate(pixels, axis=0, out=pixel_values[:total])
+    pixel_values[total:] = 0.0
+    layout = vision_layout(np.concatenate(grids, axis=0), spec.vision, pad_to=bucket)
+    return {"pixel_values": pixel_values, "vision": layout.arrays(), "num_valid_patches": total}
+
+
+def _image_slots(input_ids: np.ndarray, attention_mask: np.ndarray, rows: slice, spec: BatchSpec) -> np.ndarray:
+    """Flat [B*L] indices of the image tokens in `rows`, in row-major order."""
+    flat_ids = input_ids.reshape(-1)
+    flat_mask = attention_mask.reshape(-1)
+    length = input_ids.shape[1]
+    lo, hi = rows.start * length, rows.stop * length
+    hits = np.flatnonzero((flat_ids[lo:hi] == spec.image_token_id) & (flat_mask[lo:hi] != 0))
+    return (hits + lo).astype(np.int32)
+
+
+def _positions(input_ids, grids, attention_mask, segment_ids, spec: BatchSpec) -> np.ndarray:
+    from medee_jax.models.rope import mrope_position_ids
+
+    grid = np.concatenate(grids, axis=0) if grids else None
+    return mrope_position_ids(input_ids, grid, attention_mask, segment_ids, image_token_id=spec.image_token_id,
+                              spatial_merge_size=spec.vision.spatial_merge_size)
+
+
+def sft_batch(rows: list[list[dict]], spec: BatchSpec) -> dict[str, Any]:
+    """The SFT device batch of `rows` (each a list of examples packed left to right)."""
+    b = spec.batch_size
+    if len(rows) != b:
+        raise ValueError(f"expected {b} rows, got {len(rows)}")
+    used = max(sum(int(ex["input_ids"].shape[0]) for ex in row) for row in rows)
+    length = pick_bucket(max(used, 1), spec.length_buckets)
+    input_ids = np.full((b, length), spec.pad_id, np.int32)  # [B, L]
+    attention_mask = np.zeros((b, length), np.int32)
+    segment_ids = np.zeros((b, length), np.int32)
+    labels = np.zeros((b, length), np.int32)
+    loss_mask = np.zeros((b, length), np.float32)
+    pixels, grids = [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for k, ex in enumerate(row):
+            ids = np.asarray(ex["input_ids"], np.int32)
+            n = ids.shape[0]
+            span = slice(offset, offset + n)
+            input_ids[r, span] = ids
+            attention_mask[r, span] = 1
+            segment_ids[r, span] = k + 1
+            labels[r, span], loss_mask[r, span] = shifted_targets(ids, np.asarray(ex["target_mask"]))
+            if example_patches(ex):
+                # Rows in order, examples left to right within a row: the flattened order of their image tokens.
+                pixels.append(ex["pixel_values"])
+                grids.append(np.asarray(ex["image_grid_thw"], np.int64).reshape(-1, 3))
+            offset += n
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "segment_ids": segment_ids,
+        "position_ids": _positions(input_ids, grids, attention_mask, segment_ids, spec),
+        "labels": labels,
+        "loss_mask": loss_mask,
+    }
+    vision = _vision_arrays(pixels, grids, spec)
+    if vision:
+        unit = spec.vision.spatial_merge_size**2
+        slots = _image_slots(input_ids, attention_mask, slice(0, b), spec)
+        _check_slots(slots.size, vision["num_valid_patches"] // unit)
+        index = np.full(vision["pixel_values"].shape[0] // unit, b * length, np.int32)  # [P/4]
+        index[: slots.size] = slots
+        batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
+    return batch
+
+
+def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
+    """The DPO device batch of up to batch_size pairs (missing pairs are all-zero padding rows)."""
+    n = spec.batch_size
+    if not 0 < len(pairs) <= n:
+        raise ValueError(f"expected 1..{n} pairs, got {len(pairs)}")
+    length = pick_bucket(max(example_length(p) for p in pairs), spec.length_buckets)
+    rows = 2 * n
+    input_ids = np.full((rows, length), spec.pad_id, np.int32)  # [2n, L]
+    attention_mask = np.zeros((rows, length), np.int32)
+    labels = np.zeros((rows, length), np.int32)
+    loss_mask = np.zeros((rows, length), np.float32)
+    pair_mask = np.zeros((n,), np.float32)
+    pixels, grids = [], []
+    for i, pair in enumerate(pairs):
+        pair_mask[i] = 1.0
+        for row, side in ((i, "chosen"), (n + i, "rejected")):
+            ids = np.asarray(pair[f"{side}_input_ids"], np.int32)
+            k = ids.shape[0]
+            input_ids[row, :k] = ids
+            attention_mask[row, :k] = 1
+            labels[row, :k], loss_mask[row, :k] = shifted_targets(ids, np.asarray(pair[f"{side}_target_mask"]))
+        if example_patches(pair):
+            pixels.append(pair["pixel_values"])
+            grids.append(np.asarray(pair["image_grid_thw"], np.int64).reshape(-1, 3))
+    segment_ids = attention_mask.copy()
+    with_ref = [p for p in pairs if "ref_logps" in p]
+    if with_ref and len(with_ref) != len(pairs):
+        missing = next(p.get("source") for p in pairs if "ref_logps" not in p)
+        raise ValueError(f"{missing}: no ref_chosen_logps/ref_rejected_logps, but other records of the batch have "
+                         "them; precomputed reference log-probs must be given for every record or none")
+    # Positions: the chosen rows consume every pair's images in order, then the rejected rows the same again.
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "segment_ids": segment_ids,
+        "position_ids": _positions(input_ids, grids + grids, attention_mask, None, spec),
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "num_target_tokens": loss_mask.sum(axis=1).astype(np.int32),
+        "pair_mask": pair_mask,
+    }
+    if with_ref:
+        ref = np.zeros((rows,), np.float32)  # [2n]
+        for i, pair in enumerate(pairs):
+            ref[i], ref[n + i] = pair["ref_logps"]
+        batch["ref_logps"] = ref
+    vision = _vision_arrays(pixels, grids, spec)
+    if vision:
+        unit = spec.vision.spatial_merge_size**2
+        features = vision["pixel_values"].shape[0] // unit
+        index = np.full((2, features), rows * length, np.int32)  # [2, P/4]
+        for side, span in ((0, slice(0, n)), (1, slice(n, rows))):
+            slots = _image_slots(input_ids, attention_mask, span, spec)
+            _check_slots(slots.size, vision["num_valid_patches"] // unit)
+            index[side, : slots.size] = slots
+        batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
+    return batch
+
+
+def _check_slots(tokens: int, features: int) -> None:
+    if tokens != features:
+        raise ValueError(f"the batch has {tokens} image tokens but its images give {features} features")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers for consumers
+
+
+def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The subset of a device batch that `Qwen25VL.forward` takes (no vision keys for text-only batches)."""
+    return {k: batch[k] for k in FORWARD_KEYS if k in batch}
+
+
+def has_images(batch: dict[str, Any]) -> bool:
+    return "pixel_values" in batch
+
+
+def packing_efficiency(batch: dict[str, Any]) -> float:
+    """Fraction of the batch's token slots that hold real tokens (1 - padding fraction)."""
+    mask = batch["attention_mask"]
+    return float(mask.sum()) / float(mask.size)

@@ -238,3 +238,43 @@ def test_invalid_config_fails_before_compute_naming_fields(sft_data, tmp_path):
         validate_config(config)
     for field in ("dpo.loss_type", "data.packing", "mesh.tensor"):
         assert field in str(e.value)
+
+
+def write_pairs(path, n, seed=1):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(WORDS, size=5))
+            good = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+            bad = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"Case {i}: {q}?"}],
+                                "chosen": {"from": "gpt", "value": f"The lesion is {good}."},
+                                "rejected": {"from": "gpt", "value": f"No lesion; {bad}."}}) + "\n")
+
+
+def test_precomputed_reference_equals_frozen_copy(sft_data, tmp_path):
+    """One pass of the initial policy stores reference log-probs; training then matches the frozen-copy mode."""
+    from medee_jax.training.loop import Trainer
+    from tests.run_training import flatten, load_config
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, 12)
+    runs = {}
+    for mode in ("frozen", "precomputed"):
+        config = load_config(DPO_CONFIG, common((str(pairs), sft_data[1]), tmp_path / mode,
+                                                **{"data.batch_size": 2, "dpo.reference": mode}))
+        trainer = Trainer(config)
+        result = trainer.run()
+        assert result.stopped == "done"
+        runs[mode] = (trainer, result)
+    frozen, pre = runs["frozen"][0], runs["precomputed"][0]
+    assert pre.state["ref"] is None and frozen.state["ref"] is not None
+    annotated = [json.loads(line) for line in open(tmp_path / "precomputed" / "reference" / "train.jsonl")]
+    assert len(annotated) == 12 and all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in annotated)
+    import jax
+
+    a, b = flatten(jax.device_get(frozen.state["params"])), flatten(jax.device_get(pre.state["params"]))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    assert runs["frozen"][1].final_metrics["loss"] == pytest.approx(runs["precomputed"][1].final_metrics["loss"],
+                                                                    rel=1e-5)

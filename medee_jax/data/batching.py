@@ -359,6 +359,7 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
         "loss_mask": loss_mask,
         "num_target_tokens": loss_mask.sum(axis=1).astype(np.int32),
         "pair_mask": pair_mask,
+        "sources": [p.get("source") for p in pairs],  # host-only: "file:line" of each pair, in row order
     }
     if with_ref:
         ref = np.zeros((rows,), np.float32)  # [2n]

@@ -82,18 +82,24 @@ def common_shapes(batches: list[dict]) -> tuple[int, int | None]:
 class BatchSource:
     """This process's input iterator for one split, yielding stacked per-shard batches [S_local, ...]."""
 
-    def __init__(self, data, split: str, config, model_cfg, mesh):
+    def __init__(self, data, split: str, config, model_cfg, mesh, *, path: str | None = None,
+                 shuffle: bool | None = None, num_epochs: int | None | str = "default"):
         self.split = split
         self.mesh = mesh
         self.model_cfg = model_cfg
         self.shards = local_data_shards(mesh)
-        path = data.train_path if split == "train" else data.eval_path
+        if path is None:
+            path = data.train_path if split == "train" else data.eval_path
+        if shuffle is None:
+            shuffle = bool(config.data.shuffle) and split == "train"
+        if num_epochs == "default":
+            num_epochs = None if split == "train" else 1
         d = config.data
         self.data_config = pipeline.DataConfig(
             paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
             max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
             packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
-            shuffle=bool(d.shuffle) and split == "train", num_epochs=None if split == "train" else 1,
+            shuffle=shuffle, num_epochs=num_epochs,
             num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
             on_bad_record=d.on_bad_record, media_root=data.media_root or None)
         self._iterator = None
@@ -127,8 +133,11 @@ class BatchSource:
     def set_state(self, state) -> None:
         self.iterator.set_state(state)
 
-    def next_local(self, allow_end: bool = False) -> dict | None:
-        """Returns this process's next stacked host batch [S_local, ...]; None at the end of a finite split."""
+    def next_local(self, allow_end: bool = False, keep_sources: bool = False) -> dict | None:
+        """Returns this process's next stacked host batch [S_local, ...]; None at the end of a finite split.
+
+        With ``keep_sources`` the result also holds "sources": per shard, the "file:line" of each DPO pair.
+        """
         shards = []
         for _ in range(self.shards):
             try:
@@ -144,7 +153,10 @@ class BatchSource:
         length, patches = common_shapes(shards)
         cfg = self.model_cfg.vision
         shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
-        return stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
+        stacked = stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
+        if keep_sources:
+            stacked["sources"] = [b.get("sources", []) for b in shards]
+        return stacked
 
     def to_device(self, local: dict) -> dict:
         """Returns global device arrays for a stacked host batch."""
@@ -164,6 +176,8 @@ def _empty_like(batch: dict) -> dict:
         elif key == "image_token_index":
             rows, length = batch["input_ids"].shape
             out[key] = np.full_like(value, rows * length)
+        elif key == "sources":
+            out[key] = []
         elif isinstance(value, np.ndarray):
             out[key] = np.zeros_like(value)
         else:

@@ -118,10 +118,24 @@ class Trainer:
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
         self.params = params.to_pure_dict()
         self.frozen = frozen.to_pure_dict()
+        if config.mode == "dpo" and config.dpo.reference == "precomputed":
+            self._use_precomputed_reference()
         self.train_source = BatchSource(self.data, "train", config, self.model.config, self.mesh)
         self.eval_source = BatchSource(self.data, "eval", config, self.model.config, self.mesh) \
             if self.data.eval_path else None
         self.total_steps = self._total_steps()
+
+    def _use_precomputed_reference(self) -> None:
+        """Annotates the train (and eval) data with the initial policy's log-probs, then trains on that copy."""
+        from . import reference
+
+        updates = {}
+        for split, path in (("train", self.data.train_path), ("eval", self.data.eval_path)):
+            if path and not reference.has_reference_logps(path):
+                updates[f"{split}_path"] = reference.precompute(self, split)
+        if updates and not self.data.media_root:  # image paths stay relative to the original data file
+            updates["media_root"] = os.path.dirname(os.path.abspath(self.data.train_path))
+        self.data = dataclasses.replace(self.data, **updates)
 
     def _total_steps(self) -> int:
         c = self.config

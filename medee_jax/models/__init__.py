@@ -3,21 +3,54 @@
 from .config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, config_from_hf_dict, load_config, tiny_config
 from .qwen2_5_vl import Qwen25VL
 
+# Attribute ``from_pretrained`` sets on a model: the checkpoint directory it came from (for tokenizer files).
+SOURCE_DIR_ATTR = "hf_source_dir"
 
-def from_pretrained(hf_dir, dtype=None, mesh=None, *, param_dtype=None, remat="none"):
-    """Returns a Flax NNX model for the checkpoint in ``hf_dir`` (``model_type`` qwen2_5_vl).
 
-    ``dtype`` is the compute dtype (default bfloat16), ``param_dtype`` the storage dtype (default: ``dtype``).
-    """
+def abstract_model(cfg: Qwen25VLConfig, dtype=None, *, param_dtype=None, remat="none"):
+    """Returns the model for ``cfg`` built abstractly (``nnx.eval_shape``: parameters are ShapeDtypeStructs)."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from . import hf
-
     dtype = jnp.bfloat16 if dtype is None else dtype
     param_dtype = dtype if param_dtype is None else param_dtype
+    return nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None))
+
+
+def from_pretrained(hf_dir, dtype=None, mesh=None, *, param_dtype=None, remat="none", rules=None):
+    """Returns a Flax NNX model for the transformers checkpoint in the local directory ``hf_dir``.
+
+    ``dtype`` is the compute dtype (default bfloat16), ``param_dtype`` the storage dtype (default: ``dtype``).
+    With a ``jax.sharding.Mesh``, each parameter is placed directly on the NamedSharding its logical axes map to
+    (``rules``: see ``medee_jax.models.sharding.DEFAULT_RULES``). Reads ``model.safetensors`` or a sharded
+    checkpoint with ``model.safetensors.index.json``, in the hub (``visual.*``, ``model.layers.*``) or in-memory
+    (``model.visual.*``, ``model.language_model.*``) key layout, one tensor at a time. Never unpickles and never
+    runs code from the checkpoint. Raises ``hf.CheckpointError`` listing every missing, unexpected or mis-shaped
+    tensor at once.
+    """
+    import os
+
+    from . import hf
+
+    hf_dir = hf.local_checkpoint_dir(hf_dir)
     cfg = load_config(hf_dir)
-    model = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None))
-    model = Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None)
-    hf.load_weights(model, hf_dir)
+    hf.checkpoint_files(hf_dir)  # refuse pickles / empty dirs before building anything
+    model = abstract_model(cfg, dtype, param_dtype=param_dtype, remat=remat)
+    hf.load_weights(model, hf_dir, mesh=mesh, rules=rules)
+    setattr(model, SOURCE_DIR_ATTR, os.path.abspath(hf_dir))
     return model
+
+
+def save_pretrained(model, out_dir, *, dtype=None, max_shard_size="5GB", source_dir=None):
+    """Writes ``model`` as a transformers checkpoint: safetensors in the hub key layout (sharded with
+    ``model.safetensors.index.json`` above ``max_shard_size``), ``config.json``, and the tokenizer/processor files
+    of ``source_dir`` (default: the directory ``from_pretrained`` loaded the model from).
+
+    ``dtype`` is the stored dtype (default: each parameter's own). The export is written beside ``out_dir`` and
+    renamed into place when complete; on failure nothing is left behind and an existing ``out_dir`` is untouched.
+    Returns {"files": [...], "total_size": bytes}.
+    """
+    from . import hf
+
+    source_dir = source_dir if source_dir is not None else getattr(model, SOURCE_DIR_ATTR, None)
+    return hf.save_weights(model, out_dir, dtype=dtype, max_shard_size=max_shard_size, source_dir=source_dir)

@@ -278,3 +278,39 @@ def test_precomputed_reference_equals_frozen_copy(sft_data, tmp_path):
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
     assert runs["frozen"][1].final_metrics["loss"] == pytest.approx(runs["precomputed"][1].final_metrics["loss"],
                                                                     rel=1e-5)
+
+
+def test_stage1_result_initialises_stage2_and_exports_to_hf(sft_data, tmp_path):
+    """SFT workdir -> DPO policy and reference (model.init_from); DPO exports a checkpoint transformers loads."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from medee_jax.training.loop import Trainer
+    from tests.run_training import flatten, load_config
+
+    stage1 = Trainer(load_config(SFT_CONFIG, common(sft_data, tmp_path / "stage1", **{"data.batch_size": 4})))
+    stage1.run()
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, 8)
+    overrides = common((str(pairs), sft_data[1]), tmp_path / "stage2", **{"data.batch_size": 2, "train.steps": 2,
+                                                                           "train.export_hf": True})
+    overrides = [o for o in overrides if not o.startswith("data.tokenizer=")]  # taken from the stage-1 workdir
+    stage2 = Trainer(load_config(DPO_CONFIG, overrides + [f"model.init_from={tmp_path / 'stage1'}"]))
+    import jax
+
+    end1 = flatten(jax.device_get({"params": stage1.state["params"], "frozen": stage1.state["frozen"]}))
+    start2 = flatten(jax.device_get({"params": stage2.params, "frozen": stage2.frozen}))
+    assert end1.keys() == start2.keys()
+    for k in end1:
+        np.testing.assert_array_equal(end1[k], start2[k], err_msg=k)
+    stage2.run()
+    ref = flatten(jax.device_get(stage2.state["ref"]))
+    for k, v in ref.items():
+        np.testing.assert_array_equal(v, end1[f"params/{k}"])
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "stage2" / "hf", attn_implementation="eager")
+    ids = np.array([[5, 17, 42, 99, 7, 3]])
+    ours = np.asarray(stage2.merged_model(stage2.state)(ids))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids))).logits.float().numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert (tmp_path / "stage2" / "hf" / "tokenizer.json").exists()

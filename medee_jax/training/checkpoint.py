@@ -94,20 +94,23 @@ def abstract_like(tree, shardings=None):
 def restore_model_params(workdir: str, abstract_params: dict, step: int | None = None) -> dict:
     """Returns the full model params (trainable + frozen merged) of a training run's checkpoint.
 
-    ``abstract_params`` is the pure-dict of the model's params (ShapeDtypeStructs with shardings).
+    ``abstract_params`` is the pure dict of the model's params (ShapeDtypeStructs with shardings); only the
+    ``params`` and ``frozen`` parts of the saved state are read (not the optimizer state).
     """
-    directory = os.path.join(workdir, "checkpoints")
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "data"))
-    step = manager.latest_step() if step is None else step
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
     if step is None:
-        raise FileNotFoundError(f"{directory}: no checkpoint to initialise from")
-    meta = manager.item_metadata(step)["state"]
-    restore_args = {}
-    for part in ("params", "frozen"):
-        restore_args[part] = _subset(abstract_params, meta[part])
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=restore_args, partial_restore=True)))["state"]
-    manager.close()
+        if not steps:
+            raise FileNotFoundError(f"{directory}: no checkpoint to initialise from")
+        step = steps[-1]
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path)
+    saved = getattr(saved, "item_metadata", saved)
+    saved = getattr(saved, "tree", saved)
+    target = {part: _subset(abstract_params, saved[part]) for part in ("params", "frozen")}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     return _merge(restored["params"], restored["frozen"])
 
 

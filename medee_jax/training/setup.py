@@ -165,28 +165,23 @@ def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec) -> Qwen25VL:
 
 
 def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> Qwen25VL:
-    """Returns the model of an earlier run's workdir (latest checkpoint) or of an Orbax dir from hf2orbax."""
+    """Returns the model of an earlier run's workdir (its latest checkpoint) or of an Orbax model directory
+    written by ``tools/convert_checkpoint.py hf2orbax``, each parameter restored onto its sharding."""
+    from ..models import abstract_model, orbax_io
     from ..models.sharding import param_shardings
     from . import checkpoint as ckpt
 
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return orbax_io.load_model(path, dtype, mesh, param_dtype=param_dtype, remat=remat, rules=rules)
     config_file = os.path.join(path, "model_config.json")
     if not os.path.isfile(config_file):
-        config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"model.init_from={path}: neither model_config.json nor config.json found")
+        raise FileNotFoundError(f"model.init_from={path}: a run directory without model_config.json")
     with open(config_file) as f:
         cfg = model_config.config_from_hf_dict(json.load(f), source=config_file)
-    abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None))
-    shardings = param_shardings(nnx.state(abstract, nnx.Param), mesh, rules).to_pure_dict()
-    shapes = nnx.state(abstract, nnx.Param).to_pure_dict()
+    model = abstract_model(cfg, dtype, param_dtype=param_dtype, remat=remat)
+    shardings = param_shardings(nnx.state(model, nnx.Param), mesh, rules).to_pure_dict()
+    shapes = nnx.state(model, nnx.Param).to_pure_dict()
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        params = ckpt.restore_model_params(path, target)
-    else:
-        from ..models import orbax_io
-
-        params = orbax_io.restore_params(path, target)
-    params = jax.tree.map(lambda x, t: x.astype(t.dtype), params, target)
-    model = Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=None)
-    nnx.update(model, params)
+    params = ckpt.restore_model_params(path, target)
+    nnx.update(model, jax.tree.map(lambda x, t: x.astype(t.dtype), params, target))
     return model

@@ -82,3 +82,17 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.dpo.sft_weight = 0.0
     c.dpo.reference = "frozen"  # frozen | precomputed | none
     return c
+
+
+def embedded_demo_sizes(c: ml_collections.ConfigDict, *, lr: float, max_length: int, batch_size: int) -> None:
+    """CPU-sized settings of the embedded demo (tiny model, synthetic data); real runs override them."""
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.optimizer.lr = lr
+    c.data.max_length = max_length
+    c.data.seq_buckets = (128, max_length) if max_length > 128 else (max_length,)
+    c.data.patch_buckets = (256, 512, 1024)
+    c.data.max_pixels = 224 * 224
+    c.data.batch_size = batch_size
+    c.train.checkpoint_every = 50
+    c.train.eval_every = 50

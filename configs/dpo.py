@@ -2,13 +2,15 @@
 
 With no overrides: the embedded tiny model on the synthetic demo preference pairs (chosen answers reason from the
 visible finding; rejected ones hallucinate or contradict it), a few minutes on CPU.
+Recipe values for real runs: sigmoid loss, beta 0.1, lr 5e-7 to 5e-6, cosine, warmup 10%, 1 to 3 epochs,
+vision tower and projector frozen, reference = frozen copy of the Stage-I model (model.init_from=<stage-1 workdir>).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from base import base_config  # noqa: E402
+from base import base_config, embedded_demo_sizes  # noqa: E402
 
 
 def get_config():
@@ -18,19 +20,5 @@ def get_config():
     c.data.num_epochs = 1
     c.dpo.loss_type = "sigmoid"
     c.dpo.beta = 0.1
-    _embedded_demo(c)
+    embedded_demo_sizes(c, lr=2e-4, max_length=384, batch_size=4)
     return c
-
-
-def _embedded_demo(c):
-    """CPU-sized defaults for the embedded demo; real runs override model.checkpoint / model.init_from."""
-    c.model.dtype = "float32"
-    c.model.remat = "none"
-    c.optimizer.lr = 2e-4
-    c.data.max_length = 384
-    c.data.seq_buckets = (256, 384)
-    c.data.patch_buckets = (256, 512, 1024)
-    c.data.max_pixels = 224 * 224
-    c.data.batch_size = 4
-    c.train.checkpoint_every = 50
-    c.train.eval_every = 50

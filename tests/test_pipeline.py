@@ -379,3 +379,21 @@ def test_packed_sft_rows_match_examples_alone(data, demo_tokenizer_dir, model_co
             np.testing.assert_allclose(logits[r, cols], logits_alone(tiny_model, ids, pixels, grid), atol=1e-5, rtol=0)
             checked += 1
     assert checked == int(batch["segment_ids"].max(axis=1).sum()) >= 4
+
+
+def test_image_max_pixels_shrinks_before_the_processor(tmp_path):
+    """data.image_max_pixels clamps an image's area first (LLaMA-Factory style), so it yields fewer patches."""
+    from PIL import Image
+
+    from medee_jax.data.formats import Conversation, Message, RecordRef
+    from medee_jax.data.pipeline import LoadImages
+
+    path = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(path)
+    record = Conversation(messages=(Message("user", "<image>What is shown?"), Message("assistant", "A scan.")),
+                          images=(str(path),), source=RecordRef(str(tmp_path / "d.jsonl"), 1))
+    plain = LoadImages(min_pixels=3136, max_pixels=10**7, max_patches=10**6).map({"record": record})
+    small = LoadImages(min_pixels=3136, max_pixels=10**7, max_patches=10**6, image_max_pixels=224 * 224).map(
+        {"record": record})
+    assert plain["image_grid_thw"].tolist() == [[1, 32, 32]]
+    assert small["image_grid_thw"].tolist() == [[1, 16, 16]]

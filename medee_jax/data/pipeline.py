@@ -41,7 +41,7 @@ import numpy as np
 from medee_jax.data import batching, errors, formats
 from medee_jax.data.batching import BatchSpec
 from medee_jax.data.errors import BadRecordCounter, BadRecordError
-from medee_jax.data.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, qwen2_vl_preprocess
+from medee_jax.data.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, load_image, prescale_image, qwen2_vl_preprocess
 from medee_jax.data.sources import RawRecord, open_source
 
 # Reason code for an example whose images alone exceed the largest patch bucket (not in errors.py's list).
@@ -69,7 +69,8 @@ class DataConfig:
       drop_remainder: give every shard the same number of records per epoch.
     num_workers: Grain worker processes (0: in the calling process); worker_buffer_size: examples each buffers;
       read_threads / read_buffer_size: threads and buffered examples per process for the map stages.
-    min_pixels / max_pixels: Qwen2-VL image resizing bounds.
+    min_pixels / max_pixels: Qwen2-VL image resizing bounds; image_max_pixels > 0 first shrinks larger images to
+      that area (LLaMA-Factory's `image_max_pixels`), keeping the aspect ratio.
     on_bad_record: "raise" | "skip".  media_root: folder image paths are relative to (default: the data file's).
     index_cache: keep JSONL line indexes in `<file>.index.npz` sidecars.
     """
@@ -95,6 +96,7 @@ class DataConfig:
     read_buffer_size: int = 8
     min_pixels: int = QWEN_MIN_PIXELS
     max_pixels: int = QWEN_MAX_PIXELS
+    image_max_pixels: int = 0
     on_bad_record: str = "raise"
     media_root: str | None = None
     index_cache: bool = False
@@ -241,8 +243,9 @@ class LoadImages(grain.transforms.Map):
     """Adds "pixel_values" [p, 1176] and "image_grid_thw" [k, 3] (Qwen2-VL preprocessing) for records with images."""
 
     def __init__(self, *, min_pixels: int, max_pixels: int, max_patches: int, patch_size: int = 14,
-                 temporal_patch_size: int = 2, merge_size: int = 2):
+                 temporal_patch_size: int = 2, merge_size: int = 2, image_max_pixels: int = 0):
         self.min_pixels, self.max_pixels, self.max_patches = min_pixels, max_pixels, max_patches
+        self.image_max_pixels = image_max_pixels  # > 0: LLaMA-Factory-style area clamp before the processor
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
 
     def map(self, example):
@@ -253,8 +256,11 @@ class LoadImages(grain.transforms.Map):
             return example
         src = record.source
         try:
+            images = list(record.images)
+            if self.image_max_pixels > 0:
+                images = [prescale_image(load_image(path), self.image_max_pixels) for path in images]
             pixels, grid = qwen2_vl_preprocess(
-                list(record.images), self.min_pixels, self.max_pixels, patch_size=self.patch_size,
+                images, self.min_pixels, self.max_pixels, patch_size=self.patch_size,
                 temporal_patch_size=self.temporal_patch_size, merge_size=self.merge_size,
             )
         except BadRecordError as error:
@@ -459,7 +465,7 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
     ds = ds.map(LoadImages(
         min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-        merge_size=vision.spatial_merge_size,
+        merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
     ))
     ds = ds.map(Tokenize(config.tokenizer_dir, config.max_length))
     return ds

@@ -101,7 +101,8 @@ class BatchSource:
             packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
             shuffle=shuffle, num_epochs=num_epochs,
             num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-            on_bad_record=d.on_bad_record, media_root=data.media_root or None)
+            image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
+            media_root=data.media_root or None)
         self._iterator = None
         self._batches_per_epoch = None
 

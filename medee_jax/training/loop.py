@@ -245,7 +245,7 @@ class Trainer:
         checkpointer.close()
         logger.close()
         self.state = state
-        if stopped == "done" and c.train.export_hf and self.is_chief:
+        if stopped == "done" and c.train.export_hf:
             self.export_hf(state)
         result = RunResult(self.workdir, step, last_metrics, eval_metrics, stopped)
         if self.is_chief:
@@ -258,11 +258,17 @@ class Trainer:
         return nnx.merge(self.graphdef, state["params"], state["frozen"])
 
     def export_hf(self, state) -> str:
+        """Writes ``workdir/hf`` (safetensors + config.json + tokenizer files); every process must call it."""
         from ..models import save_pretrained
 
         out = os.path.join(self.workdir, "hf")
-        save_pretrained(self.merged_model(state), out, source_dir=self.data.tokenizer_dir)
-        log.info("exported Hugging Face checkpoint to %s", out)
+        parts = {"params": state["params"], "frozen": state["frozen"]}
+        if jax.process_count() > 1:  # parameters span hosts: gather them to every host, the chief writes
+            from jax.experimental import multihost_utils
+            parts = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), parts)
+        if self.is_chief:
+            save_pretrained(self.merged_model(parts), out, source_dir=self.data.tokenizer_dir)
+            log.info("exported Hugging Face checkpoint to %s", out)
         return out
 
     def evaluate(self, state) -> dict:

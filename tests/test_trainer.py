@@ -99,7 +99,8 @@ def test_two_processes_match_one(sft_data, one_device_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    overrides = common(sft_data, tmp_path / "work", **{"data.batch_size": 1, "mesh.data": 2, "mesh.fsdp": 4})
+    overrides = common(sft_data, tmp_path / "work", **{"data.batch_size": 1, "mesh.data": 2, "mesh.fsdp": 4,
+                                                       "train.export_hf": True})
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
     procs = [subprocess.Popen([sys.executable, RUNNER, SFT_CONFIG, str(tmp_path / f"out{i}.npz"), *overrides],
@@ -111,6 +112,10 @@ def test_two_processes_match_one(sft_data, one_device_run, tmp_path):
     result = dict(np.load(tmp_path / "out0.npz"))
     np.testing.assert_allclose(result["losses"], one_device_run["losses"], rtol=1e-5)
     assert_same_params(result, one_device_run, atol=2e-5)
+    from safetensors.numpy import load_file  # the export gathered the parameters from both hosts
+
+    exported = load_file(str(tmp_path / "work" / "hf" / "model.safetensors"))
+    np.testing.assert_array_equal(exported["model.norm.weight"], result["params/language_model/norm"])
 
 
 def test_grad_accumulation_equals_big_batch(sft_data, one_device_run, tmp_path):

@@ -10,8 +10,8 @@ of each answer's assistant turn, with its own image and with a blank one of the 
 Measured (seed 0, 400 training cases, 300 steps of 2 packed rows): held-out accuracy 1.00 with the real images and
 0.25 with blank ones; with seeds 1 and 2, 1.00 and 0.99. The whole test takes about 1 min 50 s on 2 CPU cores at
 load ~4 (CPU-bound: ~107 s of user time). Learning comes in steps, one quadrant at a time (0.25 -> 0.5 -> 0.75 ->
-1.0 between steps ~100 and ~250), hence the 0.8 bound: a model that ignores the image scores 0.25 on these balanced cases, and one that reads the
-image only partly stays at or below 0.75.
+1.0 between steps ~100 and ~250), hence the 0.8 bound: a model that ignores the image scores 0.25 on these
+balanced cases, and one that reads the image only partly stays at or below 0.75.
 """
 
 from __future__ import annotations

@@ -86,3 +86,11 @@ def hf_logits_and_positions(model, ids, mask, pixel_values=None, grids=None):
         else:
             pos = None
     return logits, pos
+
+
+def assert_logits_close(ours, ref, mask, tol: float = 1e-4):
+    """Asserts max |ours - ref| over unpadded positions <= tol, on reference logits large enough to show a mistake."""
+    valid = mask.astype(bool)
+    err = np.abs(np.asarray(ours) - ref)[valid].max()
+    assert np.abs(ref[valid]).max() > 1.0, "reference logits too small to reveal a mistake"
+    assert err <= tol, f"max |Δlogit| {err:.3g} > {tol}"

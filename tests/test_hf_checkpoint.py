@@ -25,11 +25,10 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from medee_jax.models import from_pretrained, hf, safetensors_io, save_pretrained
 from medee_jax.models.sharding import logical_to_mesh
-from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, hf_logits_and_positions, image_span, pad_rows,
-                                  random_hf_model, tiny_hf_config)
+from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, assert_logits_close, hf_logits_and_positions, image_span,
+                                  pad_rows, random_hf_model, tiny_hf_config)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOL = 1e-4
 SIDECARS = {"tokenizer_config.json": '{"model_max_length": 128}', "chat_template.jinja": "{{ messages }}",
             "preprocessor_config.json": '{"min_pixels": 3136}'}
 
@@ -81,11 +80,6 @@ def batch_with_image(rng):
     return ids, mask, pixel_values, grids
 
 
-def assert_logits_close(ours, ref, mask):
-    valid = mask.astype(bool)
-    err = np.abs(np.asarray(ours) - ref)[valid].max()
-    assert np.abs(ref[valid]).max() > 1.0, "reference logits too small to reveal a mistake"
-    assert err <= TOL, f"max |Δlogit| {err:.3g} > {TOL}"
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import pytest
 from medee_jax.models import from_pretrained
 from medee_jax.models.rope import mrope_position_ids
 from medee_jax.models.vision_layout import cu_window_seqlens, vision_layout
-from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, hf_logits_and_positions, image_span, pad_rows,
-                                  random_hf_model, tiny_hf_config)
+from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, assert_logits_close, hf_logits_and_positions, image_span,
+                                  pad_rows, random_hf_model, tiny_hf_config)
 
-TOL = 1e-4
 # Grids in patches. Merged (h/2, w/2): (4, 6) width not a multiple of the 4-token window; (8, 8) both multiples;
 # (6, 10) neither; (2, 2) smaller than one window.
 GRID_A, GRID_B, GRID_C, GRID_D = (1, 8, 12), (1, 16, 16), (1, 12, 20), (1, 4, 4)
@@ -45,11 +44,6 @@ def multimodal_batch(rng, side):
     return ids, mask, pixel_values, grids
 
 
-def assert_logits_close(ours, ref, mask):
-    valid = mask.astype(bool)
-    err = np.abs(np.asarray(ours) - ref)[valid].max()
-    assert np.abs(ref[valid]).max() > 1.0, "reference logits too small to reveal a mistake"
-    assert err <= TOL, f"max |Δlogit| {err:.3g} > {TOL}"
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

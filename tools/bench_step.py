@@ -30,8 +30,18 @@ compile, steps); ``step_peak_rss_mb`` = the peak during the timed steps alone (L
 before them); ``mfu`` = model FLOPs per step (text: ``metrics.flops_per_token`` x tokens; vision: frozen forward once
 per image, ``metrics.vision_flops_per_patch`` x patches) / median step / peak FLOP/s (CPU: this machine's measured
 fp32 matmul peak, ``metrics.measure_cpu_matmul_peak``; ``--peak-flops`` overrides). Both frameworks use these same
-model FLOPs, so their MFU ratio is their throughput ratio. Also ``loadavg_start``/``loadavg_end``: the machine is
-shared, read the figures with them.
+model FLOPs, so their MFU ratio is their throughput ratio. Also ``compile_s`` (the first step, compiling),
+``tokens_per_step``, ``flops_per_token``, ``device``, ``rss_trail_mb`` (resident memory after imports, model, state,
+first step, timed steps), ``step_cpu_s`` (this process's CPU time per step) and, for a shared machine,
+``foreign_cores_per_step`` / ``steal_cores_per_step`` (cores other processes / the hypervisor took during each step,
+from /proc/stat), ``median_quiet_step_s`` / ``quiet_tokens_per_s`` over the steps where others took < 0.25 core,
+and ``loadavg_start`` / ``loadavg_end``. Read timings together with these.
+
+``--profile`` (jax) adds ``pieces_s``: the step's parts jitted and timed alone (vision, decoder forward and
+forward+backward, chunked LM head forward and forward+backward, reference forward, optimizer update). ``--experiment
+NAME`` (jax) times a proposed trainer change without editing the trainer (it replaces one function of
+``medee_jax.training.steps`` in this process; the JSON lists it under ``experiments``): ``lm_head_on_targets`` runs
+the chunked LM head only at loss-mask positions (hidden states gathered by a host-built ``target_index``).
 """
 
 from __future__ import annotations
@@ -659,6 +669,8 @@ def main(argv=None) -> dict | None:
     hf_config = read_hf_config(model_dir)
     start = loadavg()
     if args.framework == "torch":
+        if args.experiment or args.profile or args.memory_analysis:
+            raise SystemExit("--experiment, --profile and --memory-analysis are for --framework jax")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_step_torch
 

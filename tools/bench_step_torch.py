@@ -111,7 +111,7 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
     def step():
         t = time.perf_counter()
         out = policy(**inputs, use_cache=False)
-        t = mark("policy_fwd (vision x2 + decoder + full logits)", t)
+        t = mark("policy_fwd (vision on every row + decoder + full logits)", t)
         if args.mode == "dpo":
             policy_logps = completion_logps(out.logits, labels, mask)
             del out

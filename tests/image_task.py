@@ -90,6 +90,7 @@ def score_choices(model, images: list[str], *, root: str, data_config, name: str
     """
     from medee_jax.data import pipeline
     from medee_jax.data.batching import shifted_targets
+    from medee_jax.data.images import normalize_patches
     from medee_jax.losses import sequence_logps
 
     path = write_jsonl(os.path.join(root, f"{name}.jsonl"),
@@ -112,7 +113,8 @@ def score_choices(model, images: list[str], *, root: str, data_config, name: str
             input_ids[r, :n] = ex["input_ids"]
             attention_mask[r, :n] = 1
             labels[r, :n], mask[r, :n] = shifted_targets(np.asarray(ex["input_ids"]), np.asarray(ex["target_mask"]))
-        pixel_values = np.concatenate([ex["pixel_values"] for ex in chunk])  # [patches, 1176]
+        # the examples carry uint8 patches [p, 588]; batch assembly would normalise them the same way
+        pixel_values = normalize_patches(np.concatenate([ex["pixel_values"] for ex in chunk]))  # [patches, 1176]
         grid = np.concatenate([np.asarray(ex["image_grid_thw"]).reshape(-1, 3) for ex in chunk])  # [R, 3]
         logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                        image_grid_thw=grid)  # [R, L, V]

@@ -258,3 +258,39 @@ def test_precomputed_reference_logps_follow_their_rows():
     assert "ref_logps" not in s.build([make_pair(rng, 3, 0)])
     with pytest.raises(ValueError, match="mem:4: no ref_chosen_logps"):
         s.build([pairs[0], make_pair(rng, 4, 0)])
+
+
+def with_uint8_patches(ex, rng):
+    """`ex` with random uint8 patches [p, 588] (as the pipeline's LoadImages gives), and the same example with
+    their float32 pixel_values [p, 1176] (`normalize_patches`, = qwen2_vl_preprocess)."""
+    from medee_jax.data.images import normalize_patches
+
+    if "pixel_values" not in ex:
+        return ex, ex
+    patches = rng.integers(0, 256, (ex["pixel_values"].shape[0], 588), dtype=np.uint8)
+    return {**ex, "pixel_values": patches}, {**ex, "pixel_values": normalize_patches(patches)}
+
+
+@pytest.mark.parametrize("mode", ["sft", "dpo"])
+def test_uint8_patches_give_the_float_batch(mode):
+    """Batches of examples carrying uint8 patches are bit for bit those of the same examples with float32 pixels,
+    also when both kinds meet in one batch."""
+    rng = np.random.default_rng(11)
+    s = spec(mode)
+    made = [make_example(rng, uid) if mode == "sft" else make_pair(rng, uid, uid % 3) for uid in range(1, 13)]
+    pairs = [with_uint8_patches(ex, rng) for ex in made]
+    compact, floats = [c for c, _ in pairs], [f for _, f in pairs]
+    mixed = [c if i % 2 else f for i, (c, f) in enumerate(pairs)]
+    reference = [b for b, _ in pack_all(floats, s)]
+    assert any("pixel_values" in b for b in reference)
+    for examples in (compact, mixed):
+        batches = [b for b, _ in pack_all(examples, s)]
+        assert len(batches) == len(reference)
+        for got, want in zip(batches, reference):
+            assert got.keys() == want.keys()
+            for key in want:
+                if key == "vision":
+                    for name in want[key]:
+                        np.testing.assert_array_equal(got[key][name], want[key][name])
+                elif key != "sources":
+                    assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key

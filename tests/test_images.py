@@ -13,11 +13,15 @@ from PIL import Image
 
 from medee_jax.data import errors
 from medee_jax.data.images import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     ImageError,
     best_tile_grid,
     internvl_preprocess,
     load_image,
+    normalize_patches,
     prescale_image,
+    qwen2_vl_patches,
     qwen2_vl_preprocess,
     smart_resize,
 )
@@ -132,6 +136,37 @@ def test_qwen2_vl_patch_layout():
     assert np.array_equal(rows[:, :, 0], rows[:, :, 1])
     # row 6 = merge cell 1 (cells row-major, 3 per row), patch (1, 0) inside the cell -> patch row 1, col 2
     np.testing.assert_allclose(rows[6, :, 0], full[14:28, 28:42].transpose(2, 0, 1), atol=1e-6)
+
+
+def float_reference(image, min_pixels, max_pixels):
+    """float32 [P, 1176] by plain arithmetic on the resized float image: x/255 in float64 -> float32, (x - mean) /
+    std in float32, frame repeated twice, patches in merge-cell order (no tables, no uint8 patches)."""
+    rgb = image.convert("RGB")
+    out_h, out_w = smart_resize(rgb.height, rgb.width, 28, min_pixels, max_pixels)
+    x = np.asarray(rgb.resize((out_w, out_h), resample=Image.Resampling.BICUBIC), np.float64)  # [H, W, 3]
+    x = (x * (1 / 255)).astype(np.float32)
+    x = (x - np.float32(OPENAI_CLIP_MEAN)) / np.float32(OPENAI_CLIP_STD)
+    x = x.transpose(2, 0, 1).reshape(3, out_h // 28, 2, 14, out_w // 28, 2, 14).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.repeat(x[:, :, :, :, :, None], 2, axis=5)  # [h/2, w/2, 2, 2, C, T, 14, 14]
+    return x.reshape(-1, 1176)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (448, 448), (300, 500), (1000, 60)])
+def test_uint8_patches_then_normalize_is_bit_identical(size):
+    """qwen2_vl_patches -> normalize_patches (also into a slice of a larger buffer) == the float arithmetic."""
+    image = make_image(*size, "RGB", seed=size[0])
+    patches, grid = qwen2_vl_patches([image, image], 56 * 56, 448 * 448)
+    ref = float_reference(image, 56 * 56, 448 * 448)
+    assert patches.dtype == np.uint8 and patches.shape == (2 * ref.shape[0], 588)
+    height, width = smart_resize(*size, 28, 56 * 56, 448 * 448)
+    assert grid.tolist() == 2 * [[1, height // 14, width // 14]]
+    pixels = normalize_patches(patches)
+    assert pixels.dtype == np.float32 and np.array_equal(pixels, np.concatenate([ref, ref]))
+    assert np.array_equal(qwen2_vl_preprocess([image, image], 56 * 56, 448 * 448)[0], pixels)
+    buffer = np.full((pixels.shape[0] + 8, 1176), np.nan, np.float32)
+    normalize_patches(patches[: ref.shape[0]], out=buffer[4 : 4 + ref.shape[0]])
+    assert np.array_equal(buffer[4 : 4 + ref.shape[0]], ref) and np.isnan(buffer[:4]).all()
+    assert np.isnan(buffer[4 + ref.shape[0]:]).all()
 
 
 # ------------------------------------------------------------------------------------------- InternVL parity

@@ -397,3 +397,28 @@ def test_image_max_pixels_shrinks_before_the_processor(tmp_path):
         {"record": record})
     assert plain["image_grid_thw"].tolist() == [[1, 32, 32]]
     assert small["image_grid_thw"].tolist() == [[1, 16, 16]]
+
+
+def test_load_images_passes_uint8_patches_or_normalized_pixels(tmp_path):
+    """LoadImages gives uint8 patches [p, 588] by default (normalised at batch time), with normalize=True exactly
+    qwen2_vl_preprocess's float32 [p, 1176]."""
+    from PIL import Image
+
+    from medee_jax.data.formats import Conversation, Message, RecordRef
+    from medee_jax.data.images import normalize_patches
+    from medee_jax.data.pipeline import LoadImages
+
+    paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (100, 150, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(paths[1])
+    record = Conversation(messages=(Message("user", "<image><image>Compare."), Message("assistant", "Same.")),
+                          images=tuple(map(str, paths)), source=RecordRef(str(tmp_path / "d.jsonl"), 1))
+    kwargs = dict(min_pixels=3136, max_pixels=448 * 448, max_patches=10**6)
+    compact = LoadImages(**kwargs).map({"record": record})
+    floats = LoadImages(**kwargs, normalize=True).map({"record": record})
+    ref_pixels, ref_grid = qwen2_vl_preprocess([str(p) for p in paths], 3136, 448 * 448)
+    assert compact["pixel_values"].dtype == np.uint8 and compact["pixel_values"].shape == (ref_pixels.shape[0], 588)
+    assert np.array_equal(floats["pixel_values"], ref_pixels) and floats["pixel_values"].dtype == np.float32
+    assert np.array_equal(normalize_patches(compact["pixel_values"]), ref_pixels)
+    assert compact["image_grid_thw"].tolist() == floats["image_grid_thw"].tolist() == ref_grid.tolist()

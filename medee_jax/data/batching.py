@@ -110,6 +110,8 @@ def pick_bucket(size: int, buckets: Sequence[int]) -> int:
 #
 # SFT example:  {"input_ids": int32 [n], "target_mask": int32 [n], "source": "file:line",
 #                "pixel_values": float32 [p, 1176], "image_grid_thw": int64 [k, 3]}   (last two only with images)
+#   pixel_values may instead be the uint8 patches [p, 588] of `images.qwen2_vl_patches` (what the pipeline's
+#   LoadImages gives): batch assembly normalises them into the batch's float32 [P, 1176] (same values).
 # DPO example:  {"chosen_input_ids", "chosen_target_mask", "rejected_input_ids", "rejected_target_mask",
 #                "source", and "pixel_values", "image_grid_thw" with images, "ref_logps" float32 [2] (chosen, rejected)
 #                when the record has precomputed reference log-probs}
@@ -246,12 +248,39 @@ def _vision_arrays(pixels: list[np.ndarray], grids: list[np.ndarray], spec: Batc
         return {}
     total = sum(int(p.shape[0]) for p in pixels)
     bucket = pick_bucket(total, spec.patch_buckets)
-    width = int(pixels[0].shape[1])
-    pixel_values = np.empty((bucket, width), np.float32)  # [P, 1176]
-    np.concatenate(pixels, axis=0, out=pixel_values[:total])
-    pixel_values[total:] = 0.0
+    pixel_values = _pixel_buffer(pixels, bucket, spec)  # [P, 1176]
     layout = vision_layout(np.concatenate(grids, axis=0), spec.vision, pad_to=bucket)
     return {"pixel_values": pixel_values, "vision": layout.arrays(), "num_valid_patches": total}
+
+
+def _pixel_buffer(pixels: list[np.ndarray], bucket: int, spec: BatchSpec) -> np.ndarray:
+    """float32 [bucket, C*T*P*P]: the examples' pixel rows in order, then zero rows.
+
+    float32 rows are copied as they are; uint8 rows (`images.qwen2_vl_patches`, one frame, not yet normalised)
+    are normalised straight into the buffer, the same values `qwen2_vl_preprocess` gives.
+    """
+    width = _pixel_width(pixels, spec)
+    out = np.empty((bucket, width), np.float32)  # [P, 1176]
+    start = 0
+    for rows in pixels:
+        stop = start + int(rows.shape[0])
+        if rows.dtype == np.uint8:
+            from medee_jax.data.images import normalize_patches
+
+            normalize_patches(rows, width // rows.shape[1], out=out[start:stop])
+        else:
+            out[start:stop] = rows
+        start = stop
+    out[start:] = 0.0
+    return out
+
+
+def _pixel_width(pixels: list[np.ndarray], spec: BatchSpec) -> int:
+    """Row length of the batch's pixel_values: that of its float32 rows, else C*T*P*P of the uint8 patches."""
+    for rows in pixels:
+        if rows.dtype != np.uint8:
+            return int(rows.shape[1])
+    return int(pixels[0].shape[1]) * spec.vision.temporal_patch_size
 
 
 def _image_slots(input_ids: np.ndarray, attention_mask: np.ndarray, rows: slice, spec: BatchSpec) -> np.ndarray:

@@ -5,7 +5,8 @@
   extreme_aspect_ratio. Returns an upright (EXIF-rotated) RGB image; transparency is composited onto white, the
   same conversion transformers' image processors apply to a PIL image.
 - `qwen2_vl_preprocess(images, min_pixels, max_pixels)` -> `(pixel_values [P, 1176] f32, image_grid_thw [n, 3]
-  i64)`, equal to transformers' `Qwen2VLImageProcessorPil` with the same min/max pixels.
+  i64)`, equal to transformers' `Qwen2VLImageProcessorPil` with the same min/max pixels; in two steps,
+  `qwen2_vl_patches` (uint8 patches [P, 588], before rescaling) and `normalize_patches` (-> float32 [P, 1176]).
 - `internvl_preprocess(images, crop_to_patches, min_patches, max_patches)` -> `(pixel_values [tiles, 3, 448, 448]
   f32, num_patches [n] i64)`, equal to transformers' `GotOcr2ImageProcessorPil` configured as InternVL3's "-hf"
   processor (448 px tiles, ImageNet mean/std, bicubic, a thumbnail tile when an image has more than one tile).
@@ -170,12 +171,17 @@ def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
+def _normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 [C, 256]: ((v * (1/255) in float64, cast to float32) - mean) / std in float32, for every uint8 v."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)  # [256]
+    return (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+
+
 def _rescale_normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 [..., 3] -> float32 [..., 3]: x/255 computed in float64 then cast, then (x - mean) / std in float32."""
     # Every uint8 value maps to one float per channel: a 256-entry table per channel gives the same bits as the
     # arithmetic on every pixel, about 3x faster on 448x448 images.
-    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)  # [256]
-    table = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]  # [3, 256]
+    table = _normalize_table(mean, std)  # [3, 256]
     out = np.empty(rgb.shape, np.float32)
     for c in range(rgb.shape[-1]):
         out[..., c] = table[c][rgb[..., c]]
@@ -240,29 +246,69 @@ def qwen2_vl_preprocess(
     `images`: PIL images (any mode; alpha composited onto white), uint8 arrays, or file paths (`load_image`).
     The defaults are the processor class defaults; pass the checkpoint's preprocessor_config.json values
     (Qwen2.5-VL hub: min_pixels 3136, max_pixels 12845056).
+    It is `normalize_patches(*qwen2_vl_patches(...))`: the input pipeline moves the 8x smaller uint8 patches
+    between processes and normalises them straight into the batch.
     """
+    patches, grid = qwen2_vl_patches(images, min_pixels, max_pixels, patch_size=patch_size, merge_size=merge_size)
+    return normalize_patches(patches, temporal_patch_size, image_mean, image_std), grid
+
+
+def qwen2_vl_patches(
+    images: ImageLike | Sequence[ImageLike],
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+    *,
+    patch_size: int = 14,
+    merge_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images -> (patches uint8 [sum(h*w), C*P*P], image_grid_thw int64 [n, 3]): `qwen2_vl_preprocess` before
+    rescaling, normalisation and the temporal repeat (rows in the same merge-cell order, features (C, ph, pw))."""
     factor = patch_size * merge_size
     all_rows, grids = [], []
     for item in _as_list(images):
         image = _as_rgb_image(item)
         out_h, out_w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-        resized = np.asarray(image.resize((out_w, out_h), resample=Image.Resampling.BICUBIC))  # [H, W, 3] u8
-        pixels = _rescale_normalize(resized, image_mean, image_std).transpose(2, 0, 1)  # [C, H, W]
-        channels = pixels.shape[0]
-        grid_h, grid_w = out_h // patch_size, out_w // patch_size
-        cells = pixels.reshape(
-            channels, grid_h // merge_size, merge_size, patch_size, grid_w // merge_size, merge_size, patch_size
-        )
-        # [C, gh/m, m, p, gw/m, m, p] -> [gh/m, gw/m, m(row), m(col), C, p, p]
-        cells = cells.transpose(1, 4, 2, 5, 0, 3, 6)
-        # one frame repeated along time: [..., C, T, p, p]
-        cells = np.broadcast_to(cells[:, :, :, :, :, None], (*cells.shape[:5], temporal_patch_size, *cells.shape[5:]))
-        rows = cells.reshape(grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
-        all_rows.append(np.ascontiguousarray(rows, dtype=np.float32))
-        grids.append((1, grid_h, grid_w))
+        if (out_w, out_h) != image.size:  # Pillow's resize to the same size is a plain copy: skip it
+            image = image.resize((out_w, out_h), resample=Image.Resampling.BICUBIC)
+        all_rows.append(_patchify(np.asarray(image), patch_size, merge_size))  # [h*w, C*P*P] u8
+        grids.append((1, out_h // patch_size, out_w // patch_size))
     if not all_rows:
         raise ValueError("qwen2_vl_preprocess needs at least one image")
-    return np.concatenate(all_rows, axis=0), np.asarray(grids, dtype=np.int64)
+    rows = all_rows[0] if len(all_rows) == 1 else np.concatenate(all_rows, axis=0)
+    return rows, np.asarray(grids, dtype=np.int64)
+
+
+def _patchify(rgb: np.ndarray, patch_size: int, merge_size: int) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [H/p * W/p, C*p*p]: patches in merge-cell order, features (C, ph, pw)."""
+    height, width, channels = rgb.shape
+    gh, gw = height // patch_size, width // patch_size
+    cells = rgb.reshape(gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size, channels)
+    # [gh/m, m, p, gw/m, m, p, C] -> [gh/m, gw/m, m(row), m(col), C, p, p]
+    cells = cells.transpose(0, 3, 1, 4, 6, 2, 5)
+    return np.ascontiguousarray(cells).reshape(gh * gw, channels * patch_size * patch_size)
+
+
+def normalize_patches(
+    patches: np.ndarray,
+    temporal_patch_size: int = 2,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """uint8 patches [p, C*P*P] (`qwen2_vl_patches`) -> float32 [p, C*T*P*P] pixel_values (written into `out`
+    when given): rescaled and normalised as transformers does, each frame repeated T times."""
+    rows, channels = patches.shape[0], len(image_mean)
+    area = patches.shape[1] // channels
+    if out is None:
+        out = np.empty((rows, channels * temporal_patch_size * area), np.float32)
+    frames = out.reshape(rows, channels, temporal_patch_size, area)  # a view: [p, C, T, P*P]
+    values = patches.reshape(rows, channels, area)  # [p, C, P*P] u8
+    table = _normalize_table(image_mean, image_std)  # [C, 256]
+    for c in range(channels):
+        normalized = np.take(table[c], values[:, c])  # [p, P*P] f32
+        for t in range(temporal_patch_size):
+            frames[:, c, t] = normalized
+    return out
 
 
 def prescale_image(

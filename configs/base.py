@@ -30,6 +30,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.data.max_length = 1024
     c.data.seq_buckets = (128, 256, 512, 1024)
     c.data.patch_buckets = (256, 1024, 4096)
+    c.data.target_buckets = ()  # widths of the per-row target arrays the LM head runs on; () = seq_buckets
     c.data.batch_size = 4  # rows per data shard per micro-batch (pairs for DPO)
     c.data.grad_accum_steps = 1
     c.data.packing = False

@@ -9,7 +9,7 @@ benchmark's overrides; the model comes from ``setup.build_model`` (``from_pretra
 param_dtype=float32)``; random init of the checkpoint's config if that fails); parameters are split with
 ``steps.trainable_filter`` (vision tower and merger frozen, image features shared by policy and reference); the
 state, optimizer and schedule come from ``Trainer._init_state`` (frozen reference copy in compute dtype, AdamW with
-global-norm clipping); the step is the loop's ``zero_accumulator`` + jitted ``accumulate`` + ``apply`` (donated
+global-norm clipping); the step is the loop's jitted ``accumulate_first`` + ``apply`` (``steps.jit_step``, donated
 buffers), with ``StepOptions`` from the config. One timed step = host batch -> device arrays, global normalisers,
 accumulate, apply, and fetching the step metrics (what the loop does with ``log_every=1``).
 
@@ -18,8 +18,8 @@ The batch follows the device batch contract of ``medee_jax/data/batching.py`` an
 <|vision_start|>/<|vision_end|> markers included) around one image of ``--image-size``² pixels (grid from
 ``smart_resize``; ``t·h·w/4`` image tokens), and a ``--response-len`` response that is the training target (loss
 mask on the response). DPO: N pairs -> 2N rows (chosen then rejected, same prompt and image, different responses),
-the image encoded once per pair. SFT: N rows, one example (and image) each. No padding: the length and patch
-buckets are the exact sizes.
+the image encoded once per pair. SFT: N rows, one example (and image) each. No padding: the length, patch and
+target buckets (``data.target_buckets``: the LM head runs on each row's target positions) are the exact sizes.
 
 Torch (``--framework torch``, see tools/bench_step_torch.py): the same step in transformers + PyTorch eager.
 
@@ -38,10 +38,9 @@ from /proc/stat), ``median_quiet_step_s`` / ``quiet_tokens_per_s`` over the step
 and ``loadavg_start`` / ``loadavg_end``. Read timings together with these.
 
 ``--profile`` (jax) adds ``pieces_s``: the step's parts jitted and timed alone (vision, decoder forward and
-forward+backward, chunked LM head forward and forward+backward, reference forward, optimizer update). ``--experiment
-NAME`` (jax) times a proposed trainer change without editing the trainer (it replaces one function of
-``medee_jax.training.steps`` in this process; the JSON lists it under ``experiments``): ``lm_head_on_targets`` runs
-the chunked LM head only at loss-mask positions (hidden states gathered by a host-built ``target_index``).
+forward+backward, chunked LM head forward and forward+backward on the target positions, reference forward,
+optimizer update). ``--memory-analysis`` (jax) adds XLA's compiled temp/argument/output sizes of ``accumulate`` and
+``apply`` and the bytes of live arrays before the first step.
 """
 
 from __future__ import annotations
@@ -330,7 +329,7 @@ def load_run_config(mode: str):
     return module.get_config()
 
 
-def trainer_config(args, model_dir: str | None, length: int, patches: int):
+def trainer_config(args, model_dir: str | None, length: int, patches: int, targets: int):
     """configs/{mode}.py with the benchmark's overrides (model, batch shapes, chunks)."""
     c = load_run_config(args.mode)
     c.model.checkpoint = model_dir or ""
@@ -340,6 +339,7 @@ def trainer_config(args, model_dir: str | None, length: int, patches: int):
     c.data.batch_size = args.pairs
     c.data.max_length = length
     c.data.seq_buckets = (length,)
+    c.data.target_buckets = (targets,)
     c.data.patch_buckets = (patches,)
     c.data.packing = False
     c.train.steps = 1 + args.warmup + args.steps
@@ -377,7 +377,7 @@ def build_jax_model(config, mesh, model_dir: str | None, hf_config: dict):
 def host_batch(config, model_cfg, examples: list[dict], shards: int) -> dict:
     """The stacked host batch [S, ...] the loop's BatchSource would yield (one BatchSpec.build per shard)."""
     from medee_jax.data.batching import BatchSpec
-    from medee_jax.training.batches import _DEVICE_KEYS
+    from medee_jax.training.batches import _DEVICE_KEYS, add_target_arrays, target_width
     from medee_jax.training.mesh import stack_shards
 
     d = config.data
@@ -388,50 +388,12 @@ def host_batch(config, model_cfg, examples: list[dict], shards: int) -> dict:
     for s in range(shards):
         part = examples[s * d.batch_size:(s + 1) * d.batch_size]
         items = part if config.mode == "dpo" else [[ex] for ex in part]
-        batch = spec.build(items)
-        built.append({k: v for k, v in batch.items() if k in _DEVICE_KEYS})
-    return stack_shards(built)
+        built.append(spec.build(items))
+    width = target_width(built, tuple(d.target_buckets) or tuple(d.seq_buckets))
+    built = [add_target_arrays(b, width) for b in built]
+    return stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in built])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Experiments: proposed trainer changes, tried here without touching the trainer (labelled in the JSON output).
-# Not "the step as the trainer runs it": each one replaces one named function of medee_jax.training.steps.
-
-
-def add_target_index(local: dict, multiple: int = 64) -> dict:
-    """Adds target_index / target_valid [S, rows, T]: each row's loss-mask positions, padded to a multiple of 64."""
-    mask = local["loss_mask"] != 0  # [S, rows, L]
-    count = int(mask.sum(-1).max())
-    width = max(multiple, -(-count // multiple) * multiple)
-    width = min(width, mask.shape[-1])
-    index = np.zeros(mask.shape[:-1] + (width,), np.int32)
-    valid = np.zeros(mask.shape[:-1] + (width,), np.float32)
-    for s, r in np.ndindex(*mask.shape[:-1]):
-        pos = np.flatnonzero(mask[s, r])
-        index[s, r, :pos.size], valid[s, r, :pos.size] = pos, 1.0
-    return {**local, "target_index": index, "target_valid": valid}
-
-
-def patch_lm_head_on_targets() -> None:
-    """steps._sequence_logps computing the chunked LM head only at loss-mask positions (gathered hidden states)."""
-    import jax.numpy as jnp
-
-    from medee_jax import losses
-    from medee_jax.training import steps
-
-    def sequence_logps_on_targets(model, shard, features, opts):
-        hidden = steps._hidden(model, shard, features)  # [B, L, D]
-        index = shard["target_index"]  # [B, T]
-        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, T, D]
-        labels = jnp.take_along_axis(shard["labels"], index, axis=1)  # [B, T]
-        mask = jnp.take_along_axis(shard["loss_mask"], index, axis=1) * shard["target_valid"]  # [B, T]
-        return losses.chunked_sequence_logps(hidden, model.lm_head_kernel(), labels, mask,
-                                             vocab_chunk=opts.vocab_chunk, seq_chunk=opts.seq_chunk)
-
-    steps._sequence_logps = sequence_logps_on_targets
-
-
-EXPERIMENTS = {"lm_head_on_targets": (patch_lm_head_on_targets, add_target_index)}
 
 
 def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
@@ -440,6 +402,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     import jax
     from flax import nnx
 
+    from medee_jax.data.batching import shifted_targets
     from medee_jax.training import loop, setup, steps
     from medee_jax.training.mesh import local_data_shards, make_mesh, to_global
 
@@ -447,7 +410,9 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     probe = synthetic_examples(args.mode, 1, args.prompt_len, args.response_len, args.image_size, hf_config)
     length = int(probe[0]["chosen_input_ids" if args.mode == "dpo" else "input_ids"].shape[0])
     patches_per_image = int(probe[0]["pixel_values"].shape[0])
-    config = trainer_config(args, model_dir, length, args.pairs * patches_per_image)
+    side = "chosen_" if args.mode == "dpo" else ""
+    _, probe_targets = shifted_targets(probe[0][f"{side}input_ids"], probe[0][f"{side}target_mask"])
+    config = trainer_config(args, model_dir, length, args.pairs * patches_per_image, int(probe_targets.sum()))
     setup.validate_config(config)
     mesh = make_mesh(dict(config.mesh))
     shards = local_data_shards(mesh)
@@ -475,27 +440,18 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     trail["state"] = current_rss_mb()
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
-    # Trainer.run: the jitted halves of a step.
-    acc_zero = jax.jit(functools.partial(steps.zero_accumulator, mode=config.mode))
-    accumulate = jax.jit(functools.partial(steps.accumulate, graphdef, opts=opts), donate_argnums=0)
-    apply = jax.jit(functools.partial(steps.apply, optimizer, schedule), donate_argnums=0,
-                    out_shardings=(shardings, None))
+    # Trainer.run: the jitted halves of a step (one micro-batch: accumulate_first, then apply).
+    accumulate_first, _, apply = steps.jit_step(graphdef, opts, optimizer, schedule, shardings,
+                                                config.optimizer.max_grad_norm)
 
     local = host_batch(config, model_cfg, examples, shards)
-    for name in args.experiment:
-        patch, extend = EXPERIMENTS[name]
-        if args.mode != "dpo":
-            raise SystemExit(f"--experiment {name} is for --mode dpo")
-        patch()
-        local = extend(local)
     box = {"state": state, "metrics": None}
     del state
 
     def step():
         batch = to_global(mesh, local)
         norms = loop._global_norms([local], config.mode)
-        acc = acc_zero(box["state"]["params"])
-        acc = accumulate(acc, box["state"], batch, norms)
+        acc = accumulate_first(box["state"], batch, norms)
         box["state"], m = apply(box["state"], acc)
         box["metrics"] = {k: float(v) for k, v in jax.device_get(m).items()}
         int(box["state"]["nonfinite_in_a_row"])
@@ -504,14 +460,26 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     if args.memory_analysis:
         batch = to_global(mesh, local)
         norms = loop._global_norms([local], config.mode)
-        acc = acc_zero(box["state"]["params"])
-        compiled = accumulate.lower(acc, box["state"], batch, norms).compile()
+        compiled = accumulate_first.lower(box["state"], batch, norms).compile()
         mem = compiled.memory_analysis()
         memory = {"accumulate_temp_mb": mem.temp_size_in_bytes / 2**20,
-                  "accumulate_argument_mb": mem.argument_size_in_bytes / 2**20}
-        del acc, compiled
+                  "accumulate_argument_mb": mem.argument_size_in_bytes / 2**20,
+                  "accumulate_output_mb": mem.output_size_in_bytes / 2**20,
+                  "accumulate_alias_mb": mem.alias_size_in_bytes / 2**20}
+        clip = jax.jit(functools.partial(steps.clip_gradients, config.optimizer.max_grad_norm), donate_argnums=0)
+        acc_shape = jax.eval_shape(clip, jax.eval_shape(accumulate_first, box["state"], batch, norms))
+        mem = clip.lower(acc_shape).compile().memory_analysis()
+        memory["clip_temp_mb"] = mem.temp_size_in_bytes / 2**20
+        update = jax.jit(functools.partial(steps.apply, optimizer, schedule), donate_argnums=0)
+        mem = update.lower(box["state"], acc_shape).compile().memory_analysis()
+        memory.update({"apply_temp_mb": mem.temp_size_in_bytes / 2**20,
+                       "apply_argument_mb": mem.argument_size_in_bytes / 2**20,
+                       "apply_output_mb": mem.output_size_in_bytes / 2**20,
+                       "apply_alias_mb": mem.alias_size_in_bytes / 2**20,
+                       "live_arrays_mb": sum(x.nbytes for x in jax.live_arrays()) / 2**20})
+        del compiled
 
-    compile_s = timed(step, 1)[0]  # compiles acc_zero, accumulate, apply
+    compile_s = timed(step, 1)[0]  # compiles accumulate_first and apply
     trail["first_step"] = current_rss_mb()
     timed(step, args.warmup)
     gc.collect()
@@ -531,7 +499,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
         "seq_chunk": opts.seq_chunk, "reference": opts.reference, "share_image_features": opts.share_image_features,
         "model_source": source, "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
         "data_shards": shards, "loss": box["metrics"]["loss"], "skipped_steps": box["metrics"]["skipped"],
-        "jax_version": jax.__version__, "experiments": list(args.experiment),
+        "jax_version": jax.__version__,
     }
     if memory:
         result.update(memory)
@@ -541,12 +509,14 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
         peak *= jax.device_count()
     result = finish(result, summary, flops, peak, source_peak)
     if args.profile:
-        from_profile = profile_pieces(args, graphdef, box["state"], to_global(mesh, local), opts, optimizer, schedule)
+        from_profile = profile_pieces(args, graphdef, box["state"], to_global(mesh, local),
+                                      loop._global_norms([local], config.mode), opts, optimizer, schedule,
+                                      config.optimizer.max_grad_norm)
         result["pieces_s"] = from_profile
     return result
 
 
-def profile_pieces(args, graphdef, state, batch, opts, optimizer, schedule) -> dict:
+def profile_pieces(args, graphdef, state, batch, norms, opts, optimizer, schedule, max_grad_norm: float) -> dict:
     """Median seconds of the step's parts, each jitted alone (vision, hidden states, log-probs, backward, update)."""
     import functools
 
@@ -571,14 +541,15 @@ def profile_pieces(args, graphdef, state, batch, opts, optimizer, schedule) -> d
 
     @jax.jit
     def hidden_fwd(p, f):
-        return steps._hidden(model_of(p), shard, f)
+        return steps._target_hidden(model_of(p), shard, f)
 
     hidden = hidden_fwd(params, features)
 
     @jax.jit
     def logps_fwd(p, h):
-        return losses.chunked_sequence_logps(h, model_of(p).lm_head_kernel(), shard["labels"], shard["loss_mask"],
-                                             vocab_chunk=opts.vocab_chunk, seq_chunk=opts.seq_chunk)
+        return losses.chunked_sequence_logps(h, model_of(p).lm_head_kernel(), shard["target_labels"],
+                                             shard["target_mask"], vocab_chunk=opts.vocab_chunk,
+                                             seq_chunk=opts.seq_chunk)
 
     @jax.jit
     def logps_fwd_bwd(p, h):
@@ -598,14 +569,18 @@ def profile_pieces(args, graphdef, state, batch, opts, optimizer, schedule) -> d
     def hidden_fwd_bwd(p, f):
         return jax.grad(lambda p: jnp.sum(steps._hidden(model_of(p), shard, f) ** 2))(p)
 
-    acc = steps.zero_accumulator(params, opts.mode)
-    apply = jax.jit(functools.partial(steps.apply, optimizer, schedule))
+    acc = jax.jit(functools.partial(steps.accumulate_first, graphdef, opts=opts))(state, batch, norms)
+    clip = jax.jit(functools.partial(steps.clip_gradients, max_grad_norm))
+    update = jax.jit(functools.partial(steps.apply, optimizer, schedule))
+
+    def apply(state, acc):
+        return update(state, clip(acc))
 
     pieces = {
         "vision_fwd": lambda: vision(params),
         "hidden_fwd (embed+decoder)": lambda: hidden_fwd(params, features),
-        "logps_fwd (chunked LM head)": lambda: logps_fwd(params, hidden),
-        "logps_fwd_bwd (chunked LM head)": lambda: logps_fwd_bwd(params, hidden),
+        "logps_fwd (chunked LM head on targets)": lambda: logps_fwd(params, hidden),
+        "logps_fwd_bwd (chunked LM head on targets)": lambda: logps_fwd_bwd(params, hidden),
         "hidden_fwd_bwd (embed+decoder)": lambda: hidden_fwd_bwd(params, features),
         "policy_fwd": lambda: policy_fwd(params, features),
         "policy_fwd_bwd": lambda: policy_fwd_bwd(params, features),
@@ -643,8 +618,6 @@ def parse_args(argv=None):
     p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device for MFU (0: measure/look up)")
     p.add_argument("--profile", action="store_true", help="also time the step's parts separately (jax)")
     p.add_argument("--memory-analysis", action="store_true", help="report XLA's temp memory of accumulate (jax)")
-    p.add_argument("--experiment", action="append", default=[], choices=sorted(EXPERIMENTS),
-                   help="jax: try a proposed trainer change (replaces a function of training.steps; not the trainer)")
     p.add_argument("--threads", type=int, default=0, help="torch: intra-op threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--make-checkpoint", metavar="DIR", default=None,
@@ -669,8 +642,8 @@ def main(argv=None) -> dict | None:
     hf_config = read_hf_config(model_dir)
     start = loadavg()
     if args.framework == "torch":
-        if args.experiment or args.profile or args.memory_analysis:
-            raise SystemExit("--experiment, --profile and --memory-analysis are for --framework jax")
+        if args.profile or args.memory_analysis:
+            raise SystemExit("--profile and --memory-analysis are for --framework jax")
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_step_torch
 

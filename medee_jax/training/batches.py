@@ -72,6 +72,37 @@ def pad_shard_batch(batch: dict, length: int, patches: int | None, vision_cfg) -
     return out
 
 
+def target_width(batches: list[dict], buckets: tuple[int, ...]) -> int:
+    """Returns T, the target-array width of a step: the smallest of ``buckets`` that holds every row's target count
+    (loss-mask positions) in every shard, capped at the shards' common length L."""
+    count = max(int((b["loss_mask"] != 0).sum(-1).max(initial=0)) for b in batches)
+    length = batches[0]["loss_mask"].shape[-1]
+    fits = [t for t in buckets if t >= count]
+    return min(fits[0] if fits else length, length)
+
+
+def add_target_arrays(batch: dict, width: int) -> dict:
+    """Returns ``batch`` plus the positions, labels and weights of its training targets, left-aligned per row:
+
+      target_index [R, T] int32    positions t (ascending) where loss_mask[r, t] != 0; 0 on the padding entries
+      target_labels [R, T] int32   labels[r, target_index[r, j]]; 0 on padding
+      target_mask  [R, T] float32  loss_mask[r, target_index[r, j]]; 0 on padding
+
+    The step runs the LM head on these T positions only (their gathered hidden states), not on all L."""
+    mask = batch["loss_mask"] != 0  # [R, L]
+    counts = mask.sum(-1)  # [R]
+    if width < counts.max(initial=0):
+        raise ValueError(f"target width {width} is below a row's {counts.max()} targets")
+    order = np.argsort(~mask, axis=-1, kind="stable")[:, :width]  # [R, T] target positions first, in order
+    valid = np.arange(width)[None, :] < counts[:, None]  # [R, T]
+    index = np.where(valid, order, 0).astype(np.int32)
+    out = dict(batch)
+    out["target_index"] = index
+    out["target_labels"] = np.where(valid, np.take_along_axis(batch["labels"], index, -1), 0).astype(np.int32)
+    out["target_mask"] = np.where(valid, np.take_along_axis(batch["loss_mask"], index, -1), 0).astype(np.float32)
+    return out
+
+
 def common_shapes(batches: list[dict]) -> tuple[int, int | None]:
     """Returns (L, P) every shard of a step is padded to (P None when no shard has images)."""
     length = max(b["input_ids"].shape[1] for b in batches)
@@ -103,6 +134,7 @@ class BatchSource:
             num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
             image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
             media_root=data.media_root or None)
+        self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)
         self._iterator = None
         self._batches_per_epoch = None
 
@@ -154,6 +186,8 @@ class BatchSource:
         length, patches = common_shapes(shards)
         cfg = self.model_cfg.vision
         shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
+        width = target_width(shards, self.target_buckets)
+        shards = [add_target_arrays(b, width) for b in shards]
         stacked = stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
         if keep_sources:
             stacked["sources"] = [b.get("sources", []) for b in shards]
@@ -165,7 +199,8 @@ class BatchSource:
 
 
 _DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
-                "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps")
+                "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps",
+                "target_index", "target_labels", "target_mask")
 
 
 def _empty_like(batch: dict) -> dict:

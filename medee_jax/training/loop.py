@@ -153,8 +153,7 @@ class Trainer:
         schedule = steps.warmup_cosine(c.optimizer.lr, self.total_steps, c.optimizer.warmup_ratio,
                                        c.optimizer.final_lr_ratio)
         optimizer = steps.make_optimizer(schedule, weight_decay=c.optimizer.weight_decay, b1=c.optimizer.b1,
-                                         b2=c.optimizer.b2, eps=c.optimizer.eps,
-                                         max_grad_norm=c.optimizer.max_grad_norm, params=self.params)
+                                         b2=c.optimizer.b2, eps=c.optimizer.eps, params=self.params)
         ref = None
         if c.mode == "dpo" and c.dpo.reference == "frozen":
             compute = DTYPES[c.model.dtype]
@@ -164,7 +163,7 @@ class Trainer:
             "params": self.params,
             "frozen": self.frozen,
             "ref": ref,
-            "opt_state": jax.jit(optimizer.init)(self.params),
+            "opt_state": steps.init_optimizer_state(optimizer, self.params, rep),
             "step": jax.device_put(jnp.int32(0), rep),
             "nonfinite_in_a_row": jax.device_put(jnp.int32(0), rep),
             "nonfinite_total": jax.device_put(jnp.int32(0), rep),
@@ -188,10 +187,8 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpointer.directory, start)
         start = int(start or 0)
 
-        acc_zero = jax.jit(functools.partial(steps.zero_accumulator, mode=c.mode))
-        accumulate = jax.jit(functools.partial(steps.accumulate, self.graphdef, opts=self.opts), donate_argnums=0)
-        apply = jax.jit(functools.partial(steps.apply, optimizer, schedule), donate_argnums=0,
-                        out_shardings=(shardings, None))
+        accumulate_first, accumulate, apply = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings,
+                                                             c.optimizer.max_grad_norm)
 
         flops_per_token = metrics_lib.flops_per_token(
             self.model.config.text, seq_len=c.data.max_length,
@@ -205,8 +202,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [self.train_source.next_local() for _ in range(c.data.grad_accum_steps)]
                 norms = _global_norms(micro, c.mode)
-                acc = acc_zero(state["params"])
-                for batch in micro:
+                acc = accumulate_first(state, self.train_source.to_device(micro[0]), norms)
+                for batch in micro[1:]:
                     acc = accumulate(acc, state, self.train_source.to_device(batch), norms)
                 state, m = apply(state, acc)
                 step += 1

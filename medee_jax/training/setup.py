@@ -48,6 +48,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need(c.data.on_bad_record in ("raise", "skip"), f"data.on_bad_record={c.data.on_bad_record!r}: 'raise' or 'skip'")
     need(max(c.data.seq_buckets) >= c.data.max_length,
          f"data.seq_buckets={tuple(c.data.seq_buckets)}: the largest must be >= data.max_length={c.data.max_length}")
+    need(all(int(b) >= 1 for b in c.data.target_buckets),
+         f"data.target_buckets={tuple(c.data.target_buckets)}: each must be >= 1 (or () for data.seq_buckets)")
     need(all(b % 4 == 0 for b in c.data.patch_buckets), f"data.patch_buckets={tuple(c.data.patch_buckets)}: "
          "each must be a multiple of 4 (the 2x2 merge)")
     for name in ("train", "eval", "media_root", "tokenizer"):

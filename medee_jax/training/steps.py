@@ -4,11 +4,13 @@ The model is split once (``nnx.split``) into a graph definition and pure dicts o
   * ``params``  the trainable parameters (the language model and LM head by default) — updated by the optimizer;
   * ``frozen``  the rest (vision tower and projector by default) — never updated;
   * ``ref``     the DPO reference's parameters (a frozen copy of what the policy trains, in compute dtype), or None.
-A step is two jitted pure functions so gradient accumulation compiles once per batch shape:
+A step is jitted pure functions so gradient accumulation compiles once per batch shape:
+  ``accumulate_first(state, batch, norms) -> acc`` for the first micro-batch, then
   ``accumulate(acc, state, batch, norms) -> acc``: gradients and metric sums of one micro-batch, already divided
       by the *global* normalisers of the whole optimizer step (tokens for SFT, pairs for DPO), so summing
       micro-batches gives exact global means across accumulation steps and hosts;
-  ``apply(state, acc) -> (state, metrics)``: clip, AdamW update, non-finite guard.
+  ``clip_gradients(acc) -> acc`` then ``apply(state, acc) -> (state, metrics)``: global-norm clipping and the
+      non-finite guard, then the AdamW update (two programs, so clipping needs no parameter-sized temporary).
 Batches carry a leading data-shard axis S (see mesh.py); the forward is vmapped over it.
 """
 
@@ -60,14 +62,21 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(lr_schedule, *, weight_decay: float, b1: float, b2: float, eps: float, max_grad_norm: float,
+def make_optimizer(lr_schedule, *, weight_decay: float, b1: float, b2: float, eps: float,
                    params: dict) -> optax.GradientTransformation:
-    """Returns global-norm clipping followed by AdamW (no decay on norms/biases)."""
-    parts = []
-    if max_grad_norm and max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params)))
-    return optax.chain(*parts)
+    """Returns AdamW (no decay on norms/biases). Global-norm clipping runs before it, in ``clip_gradients``."""
+    return optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params))
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params: dict, replicated):
+    """Returns ``optimizer.init(params)`` with every per-parameter leaf (AdamW's moments) placed on its parameter's
+    sharding and the rest (step counts) on ``replicated``. Without explicit output shardings a jitted init leaves
+    the moments replicated on every device: each would hold two full copies of the parameters under fsdp."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract, param_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
 
 
 def warmup_cosine(lr: float, total_steps: int, warmup_ratio: float, final_ratio: float = 0.0):
@@ -91,18 +100,27 @@ def _hidden(model, shard, features):
     return model.hidden_states(embeds, shard["position_ids"], shard["attention_mask"], shard.get("segment_ids"))
 
 
+def _target_hidden(model, shard, features):
+    """Returns the final hidden states at the shard's training targets [B, T, D] (``target_index``, see
+    training/batches.py): the LM head then runs on T positions per row instead of L."""
+    hidden = _hidden(model, shard, features)  # [B, L, D]
+    return jnp.take_along_axis(hidden, shard["target_index"][..., None], axis=1)  # [B, T, D]
+
+
 def _sequence_logps(model, shard, features, opts: StepOptions):
-    hidden = _hidden(model, shard, features)
-    return losses.chunked_sequence_logps(hidden, model.lm_head_kernel(), shard["labels"], shard["loss_mask"],
-                                         vocab_chunk=opts.vocab_chunk, seq_chunk=opts.seq_chunk)  # [rows]
+    hidden = _target_hidden(model, shard, features)  # [B, T, D]
+    return losses.chunked_sequence_logps(hidden, model.lm_head_kernel(), shard["target_labels"],
+                                         shard["target_mask"], vocab_chunk=opts.vocab_chunk,
+                                         seq_chunk=opts.seq_chunk)  # [rows]
 
 
 def sft_sums(model, batch, opts: StepOptions):
     """Returns (Σ token NLL, Σ target tokens) over all shards of a stacked SFT batch."""
     def one(shard):
-        hidden = _hidden(model, shard, _image_features(model, shard))
-        return losses.chunked_sft_loss_sum_count(hidden, model.lm_head_kernel(), shard["labels"], shard["loss_mask"],
-                                                 vocab_chunk=opts.vocab_chunk, seq_chunk=opts.seq_chunk)
+        hidden = _target_hidden(model, shard, _image_features(model, shard))  # [B, T, D]
+        return losses.chunked_sft_loss_sum_count(hidden, model.lm_head_kernel(), shard["target_labels"],
+                                                 shard["target_mask"], vocab_chunk=opts.vocab_chunk,
+                                                 seq_chunk=opts.seq_chunk)
     total, count = jax.vmap(one)(batch)
     return total.sum(), count.sum()
 
@@ -151,16 +169,8 @@ DPO_METRICS = ("loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "re
                "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def zero_accumulator(params: dict, mode: str) -> dict:
-    """Returns an empty accumulator: fp32 gradient sums shaped like ``params``, the loss and metric sums."""
-    zero = jnp.zeros((), jnp.float32)
-    grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    sums = {} if mode == "sft" else {name: (zero, zero) for name in DPO_METRICS}
-    return {"grads": grads, "loss": zero, "sums": sums, "tokens": zero}
-
-
-def accumulate(graphdef, acc: dict, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
-    """Returns ``acc`` plus the gradients, loss share and metric sums of one stacked micro-batch.
+def _micro_batch(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+    """Returns one stacked micro-batch's contribution in accumulator form: fp32 gradients, loss share, metric sums.
 
     ``norms`` are the global counts of the whole optimizer step: {"tokens"} for SFT, {"pairs", "chosen_tokens"}
     for DPO. Each micro-batch's loss is its sum over those counts, so the shares add up to the exact global mean.
@@ -176,36 +186,79 @@ def accumulate(graphdef, acc: dict, state: dict, batch: dict, norms: dict, opts:
         return dpo_sums_and_loss(model, ref_model, batch, norms, opts)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    new_sums = {}
-    for name, (total, count) in acc["sums"].items():
-        t, c = sums.get(name, (0.0, 0.0))
-        new_sums[name] = (total + jnp.asarray(t, jnp.float32), count + jnp.asarray(c, jnp.float32))
-    return {"grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
-            "loss": acc["loss"] + loss.astype(jnp.float32),
-            "sums": new_sums,
-            "tokens": acc["tokens"] + jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
+    names = () if opts.mode == "sft" else DPO_METRICS
+    return {"grads": jax.tree.map(lambda g: g.astype(jnp.float32), grads),
+            "loss": loss.astype(jnp.float32),
+            "sums": {name: tuple(jnp.asarray(x, jnp.float32) for x in sums.get(name, (0.0, 0.0))) for name in names},
+            "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
 
 
-def apply(optimizer: optax.GradientTransformation, lr_schedule, state: dict, acc: dict) -> tuple[dict, dict]:
-    """Returns (new state, metrics): AdamW update from accumulated gradients, skipped when not finite."""
+def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+    """Returns the accumulator after a step's first micro-batch (what ``accumulate`` gives from a zero accumulator,
+    without allocating and adding that zero gradient tree: one parameter-sized buffer less at the step's peak)."""
+    return _micro_batch(graphdef, state, batch, norms, opts)
+
+
+def accumulate(graphdef, acc: dict, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+    """Returns ``acc`` plus the gradients, loss share and metric sums of one stacked micro-batch (see _micro_batch)."""
+    return jax.tree.map(jnp.add, acc, _micro_batch(graphdef, state, batch, norms, opts))
+
+
+def clip_gradients(max_grad_norm: float, acc: dict) -> dict:
+    """Returns ``acc`` with its gradients clipped to global norm ``max_grad_norm`` (optax.clip_by_global_norm; <= 0:
+    no clipping) and zeroed when the norm or the loss is not finite, plus "grad_norm" (before clipping) and
+    "finite". Jitted on its own with ``acc`` donated, the clipped gradients overwrite the accumulated ones: inside the
+    optimizer update they would be a parameter-sized temporary (AdamW reads them twice, for both moments)."""
     grads, loss = acc["grads"], acc["loss"]
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, new_opt = optimizer.update(safe_grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
+    if max_grad_norm and max_grad_norm > 0:
+        grads, _ = optax.clip_by_global_norm(max_grad_norm).update(grads, optax.EmptyState())
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    return {**acc, "grads": grads, "grad_norm": grad_norm, "finite": finite}
 
-    def keep(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+def apply(optimizer: optax.GradientTransformation, lr_schedule, state: dict, acc: dict) -> tuple[dict, dict]:
+    """Returns (new state, metrics): the AdamW update from clipped gradients (``clip_gradients``' output), skipped
+    when they were not finite."""
+    grads, loss, finite = acc["grads"], acc["loss"], acc["finite"]
+
+    def update(operand):
+        params, opt_state = operand
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    # A branch, not a select of new against old values: selecting would keep both AdamW moment trees alive at once
+    # (two parameter-sized temporaries); the branch updates the donated buffers in place.
+    new_params, new_opt = jax.lax.cond(finite, update, lambda operand: operand, (state["params"], state["opt_state"]))
     new_state = dict(state)
-    new_state["params"] = keep(new_params, state["params"])
-    new_state["opt_state"] = keep(new_opt, state["opt_state"])
+    new_state["params"] = new_params
+    new_state["opt_state"] = new_opt
     new_state["step"] = state["step"] + 1
     new_state["nonfinite_in_a_row"] = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
     new_state["nonfinite_total"] = state["nonfinite_total"] + jnp.where(finite, 0, 1)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]), "tokens": acc["tokens"],
-               "skipped": 1.0 - finite.astype(jnp.float32)}
+    metrics = {"loss": loss, "grad_norm": acc["grad_norm"], "lr": lr_schedule(state["step"]),
+               "tokens": acc["tokens"], "skipped": 1.0 - finite.astype(jnp.float32)}
     for name, (total, count) in acc["sums"].items():
         metrics[name] = total / jnp.maximum(count, 1.0)
     return new_state, metrics
+
+
+def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformation, lr_schedule, state_shardings,
+             max_grad_norm: float):
+    """Returns the trainer's jitted step pieces ``(accumulate_first, accumulate, apply)``, accumulators and state
+    donated. One optimizer step over micro-batches b_1..b_k is
+    ``acc = accumulate_first(state, b_1, norms); acc = accumulate(acc, state, b_i, norms) ...;
+    state, metrics = apply(state, acc)`` (``apply`` = jitted ``clip_gradients``, then the jitted update)."""
+    import functools
+
+    first = jax.jit(functools.partial(accumulate_first, graphdef, opts=opts))
+    more = jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0)
+    clip = jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0)
+    update = jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
+                     out_shardings=(state_shardings, None))
+
+    def clip_and_update(state, acc):
+        return update(state, clip(acc))
+
+    return first, more, clip_and_update

@@ -294,3 +294,40 @@ def test_uint8_patches_give_the_float_batch(mode):
                         np.testing.assert_array_equal(got[key][name], want[key][name])
                 elif key != "sources":
                     assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), key
+
+
+def test_dpo_shared_prompt_layout():
+    rng = np.random.default_rng(5)
+    s = spec("dpo", batch_size=3, share_prompt=True)
+    pairs = [make_pair(rng, 1, 1), make_pair(rng, 2, 0), make_pair(rng, 3, 2)]
+    batch = s.build(pairs)
+    n, length = 3, batch["input_ids"].shape[1]
+    assert batch["input_ids"].shape == (n, length) and length in s.row_buckets
+    assert batch["labels"].shape[0] == batch["loss_mask"].shape[0] == 2 * n
+    for i, pair in enumerate(pairs):
+        prefix = batching.shared_prefix_length(pair)
+        chosen, rejected = pair["chosen_input_ids"], pair["rejected_input_ids"]
+        assert (chosen[:prefix] == rejected[:prefix]).all() and prefix == len(chosen) - (pair["chosen_target_mask"] > 0).sum()
+        row_len = len(chosen) + len(rejected) - prefix
+        assert s.row_length(pair) == row_len and batch["attention_mask"][i].sum() == row_len
+        np.testing.assert_array_equal(batch["input_ids"][i, :row_len],
+                                      np.concatenate([chosen, rejected[prefix:]]))
+        np.testing.assert_array_equal(batch["branch_ids"][i, :row_len], [0] * prefix + [1] * (len(chosen) - prefix)
+                                      + [2] * (len(rejected) - prefix))
+        grid = pair.get("image_grid_thw", np.zeros((0, 3)))
+        for seq, ids, side in ((i, chosen, "chosen"), (n + i, rejected, "rejected")):
+            k = len(ids)
+            places = batch["sequence_position"][seq, :k]
+            assert batch["sequence_row"][seq] == i
+            np.testing.assert_array_equal(batch["input_ids"][i, places], ids)  # each sequence token, in place
+            pos, _ = mrope_positions_for_sequence(ids, grid, image_token_id=IMAGE)
+            np.testing.assert_array_equal(batch["position_ids"][:, i, places], pos)  # with its own positions
+            labels, mask = shifted_targets(ids, pair[f"{side}_target_mask"])
+            np.testing.assert_array_equal(batch["labels"][seq, :k], labels)
+            np.testing.assert_array_equal(batch["loss_mask"][seq, :k], mask)
+    # image features go in once, into the prompt's slots
+    index = batch["image_token_index"]
+    valid = index < n * length
+    assert index.ndim == 1 and valid.sum() == sum(len(p["pixel_values"]) for p in pairs if "pixel_values" in p) // 4
+    assert (batch["input_ids"].reshape(-1)[index[valid]] == IMAGE).all()
+    assert (batch["branch_ids"].reshape(-1)[index[valid]] == 0).all()

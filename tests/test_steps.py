@@ -67,9 +67,9 @@ def model():
     return m
 
 
-def build(mode, items, targets=(16, 64)):
+def build(mode, items, targets=(16, 64), share_prompt=False):
     s = BatchSpec(mode=mode, batch_size=len(items), max_length=64, length_buckets=(64,), patch_buckets=(256,),
-                  image_token_id=IMAGE, vision=CFG.vision, packing=mode == "sft")
+                  image_token_id=IMAGE, vision=CFG.vision, packing=mode == "sft", share_prompt=share_prompt)
     batch = s.build(items)
     batch = add_target_arrays(batch, target_width([batch], targets))
     return stack_shards([{k: v for k, v in batch.items() if k in _DEVICE_KEYS}])  # [S=1, ...]
@@ -88,14 +88,21 @@ def with_random_pixels(items, rng):
     return items
 
 
-def test_dpo_logps_on_targets_equal_full_logits(model):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_dpo_logps_on_targets_equal_full_logits(model, share_prompt):
+    """Both DPO layouts (a row per sequence; a row per pair with the prompt once) give the log-probs and gradients
+    of full [B, L, V] logits over separate chosen and rejected rows."""
     rng = np.random.default_rng(1)
     pairs = with_random_pixels([make_pair(rng, 1, 1), make_pair(rng, 2, 0), make_pair(rng, 3, 2)], rng)
-    batch = jax.tree.map(jnp.asarray, build("dpo", pairs))
+    batch = jax.tree.map(jnp.asarray, build("dpo", pairs, share_prompt=share_prompt))
+    separate = jax.tree.map(jnp.asarray, build("dpo", pairs))
     assert batch["target_index"].shape[-1] < batch["input_ids"].shape[-1]  # the head runs on fewer positions
+    if share_prompt:  # one row per pair, every prompt token once
+        assert batch["input_ids"].shape[1] == 3
+        assert int(batch["attention_mask"].sum()) < int(separate["attention_mask"].sum())
     opts = steps.StepOptions(mode="dpo", vocab_chunk=24, seq_chunk=8)
     policy, reference, lengths = steps.dpo_logps(model, model, batch, opts)
-    shard = jax.tree.map(lambda x: x[0], batch)
+    shard = jax.tree.map(lambda x: x[0], separate)
     expected = losses.sequence_logps(full_logits(model, shard), shard["labels"], shard["loss_mask"])  # [2n]
     assert float(jnp.abs(expected).min()) > 1.0
     np.testing.assert_allclose(policy[0], expected, rtol=1e-5, atol=1e-4)

@@ -285,6 +285,35 @@ def test_precomputed_reference_equals_frozen_copy(sft_data, tmp_path):
                                                                     rel=1e-5)
 
 
+def test_shared_prompt_rows_train_like_separate_rows(sft_data, tmp_path):
+    """dpo.share_prompt (one row per pair, the prompt once) trains to the parameters of separate chosen/rejected
+    rows: same log-probs, same gradients, same updates."""
+    from medee_jax.training.loop import Trainer
+    from tests.run_training import flatten, load_config
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, 12)
+    runs = {}
+    for shared in (False, True):
+        config = load_config(DPO_CONFIG, common((str(pairs), sft_data[1]), tmp_path / f"shared{shared}",
+                                                **{"data.batch_size": 2, "dpo.share_prompt": shared}))
+        trainer = Trainer(config)
+        result = trainer.run()
+        assert result.stopped == "done"
+        runs[shared] = (trainer, result)
+    import jax
+
+    rows = {shared: runs[shared][0].train_source.data_config.share_prompt for shared in runs}
+    assert rows == {False: False, True: True}
+    a = flatten(jax.device_get(runs[False][0].state["params"]))
+    b = flatten(jax.device_get(runs[True][0].state["params"]))
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-5, err_msg=k)  # as the mesh-shape test: float reordering
+    for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert runs[True][1].final_metrics[name] == pytest.approx(runs[False][1].final_metrics[name], rel=1e-4,
+                                                                  abs=1e-6), name
+
+
 def test_stage1_result_initialises_stage2_and_exports_to_hf(sft_data, tmp_path):
     """SFT workdir -> DPO policy and reference (model.init_from); DPO exports a checkpoint transformers loads."""
     import torch

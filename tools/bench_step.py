@@ -17,8 +17,9 @@ The batch follows the device batch contract of ``medee_jax/data/batching.py`` an
 ``BatchSpec.build`` from synthetic examples: per pair a prompt of ``--prompt-len`` text tokens (the
 <|vision_start|>/<|vision_end|> markers included) around one image of ``--image-size``² pixels (grid from
 ``smart_resize``; ``t·h·w/4`` image tokens), and a ``--response-len`` response that is the training target (loss
-mask on the response). DPO: N pairs -> 2N rows (chosen then rejected, same prompt and image, different responses),
-the image encoded once per pair. SFT: N rows, one example (and image) each. No padding: the length, patch and
+mask on the response). DPO: N pairs -> 2N rows (chosen then rejected; the trainer's default), or with
+``--share-prompt`` N rows [prompt | chosen | rejected] (``dpo.share_prompt``: the prompt and its image tokens run
+through the decoder once per pair); the image is encoded once per pair either way. SFT: N rows, one example (and image) each. No padding: the length, patch and
 target buckets (``data.target_buckets``: the LM head runs on each row's target positions) are the exact sizes.
 
 Torch (``--framework torch``, see tools/bench_step_torch.py): the same step in transformers + PyTorch eager.
@@ -329,7 +330,7 @@ def load_run_config(mode: str):
     return module.get_config()
 
 
-def trainer_config(args, model_dir: str | None, length: int, patches: int, targets: int):
+def trainer_config(args, model_dir: str | None, length: int, patches: int, targets: int, row_length: int):
     """configs/{mode}.py with the benchmark's overrides (model, batch shapes, chunks)."""
     c = load_run_config(args.mode)
     c.model.checkpoint = model_dir or ""
@@ -338,7 +339,8 @@ def trainer_config(args, model_dir: str | None, length: int, patches: int, targe
     c.model.remat = args.remat
     c.data.batch_size = args.pairs
     c.data.max_length = length
-    c.data.seq_buckets = (length,)
+    c.data.seq_buckets = tuple(sorted({length, row_length}))  # sequences; shared-prompt DPO rows
+    c.dpo.share_prompt = args.share_prompt
     c.data.target_buckets = (targets,)
     c.data.patch_buckets = (patches,)
     c.data.packing = False
@@ -402,7 +404,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     import jax
     from flax import nnx
 
-    from medee_jax.data.batching import shifted_targets
+    from medee_jax.data.batching import shared_prefix_length, shifted_targets
     from medee_jax.training import loop, setup, steps
     from medee_jax.training.mesh import local_data_shards, make_mesh, to_global
 
@@ -412,7 +414,11 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     patches_per_image = int(probe[0]["pixel_values"].shape[0])
     side = "chosen_" if args.mode == "dpo" else ""
     _, probe_targets = shifted_targets(probe[0][f"{side}input_ids"], probe[0][f"{side}target_mask"])
-    config = trainer_config(args, model_dir, length, args.pairs * patches_per_image, int(probe_targets.sum()))
+    row_length = length
+    if args.mode == "dpo" and args.share_prompt:
+        row_length = length + int(probe[0]["rejected_input_ids"].shape[0]) - shared_prefix_length(probe[0])
+    config = trainer_config(args, model_dir, length, args.pairs * patches_per_image, int(probe_targets.sum()),
+                            row_length)
     setup.validate_config(config)
     mesh = make_mesh(dict(config.mesh))
     shards = local_data_shards(mesh)
@@ -497,6 +503,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
         "step_peak_rss_mb": step_peak, "compile_s": compile_s, "load_s": load_s, **timing, "rss_trail_mb": trail,
         **summary, "dtype": args.dtype, "remat": args.remat, "vocab_chunk": opts.vocab_chunk,
         "seq_chunk": opts.seq_chunk, "reference": opts.reference, "share_image_features": opts.share_image_features,
+        "share_prompt": bool(config.mode == "dpo" and config.dpo.share_prompt),
         "model_source": source, "device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
         "data_shards": shards, "loss": box["metrics"]["loss"], "skipped_steps": box["metrics"]["skipped"],
         "jax_version": jax.__version__,
@@ -613,6 +620,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
                    help="decoder/vision remat policy (torch: full = gradient checkpointing)")
     p.add_argument("--framework", choices=("jax", "torch"), default="jax")
+    p.add_argument("--share-prompt", action="store_true",
+                   help="jax DPO: one row per pair, the prompt once (dpo.share_prompt=True)")
     p.add_argument("--vocab-chunk", type=int, default=0, help="StepOptions.vocab_chunk (0: the config's)")
     p.add_argument("--seq-chunk", type=int, default=0, help="StepOptions.seq_chunk (0: the config's)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device for MFU (0: measure/look up)")

@@ -156,6 +156,7 @@ class BatchSpec:
     vision: "VisionConfig"
     packing: bool = True
     pad_id: int = 0
+    share_prompt: bool = False  # DPO: one row per pair, [prompt | chosen | rejected] (see dpo_shared_prompt_batch)
 
     def __post_init__(self):
         if self.mode not in ("sft", "dpo"):
@@ -172,6 +173,22 @@ class BatchSpec:
             )
 
     @property
+    def row_buckets(self) -> tuple[int, ...]:
+        """Padded row lengths. A shared-prompt DPO row holds both completions (up to 2 × max_length tokens), so the
+        length buckets gain 2 × max_length there when they stop short of it."""
+        if self.mode == "dpo" and self.share_prompt and self.length_buckets[-1] < 2 * self.max_length:
+            return self.length_buckets + (2 * self.max_length,)
+        return self.length_buckets
+
+    def row_length(self, example: dict) -> int:
+        """Tokens the example takes in a row: an SFT example's length; a DPO pair's longer sequence, or with
+        share_prompt the shared prompt once plus both completions."""
+        if self.mode == "dpo" and self.share_prompt:
+            prefix = shared_prefix_length(example)
+            return len(example["chosen_input_ids"]) + len(example["rejected_input_ids"]) - prefix
+        return example_length(example)
+
+    @property
     def max_patches(self) -> int:
         """Patch budget of one batch (the largest patch bucket)."""
         return self.patch_buckets[-1]
@@ -183,6 +200,8 @@ class BatchSpec:
         """The device batch of a filled packer's contents (`Packer.items`)."""
         if self.mode == "sft":
             return sft_batch(items, self)
+        if self.share_prompt:
+            return dpo_shared_prompt_batch(items, self)
         return dpo_batch(items, self)
 
 
@@ -216,6 +235,7 @@ class Packer:
         n, p = example_length(example), example_patches(example)
         if n > spec.max_length:
             raise ValueError(f"{example.get('source')}: {n} tokens exceed max_length {spec.max_length}")
+        n = spec.row_length(example)
         if p > spec.max_patches:
             raise ValueError(f"{example.get('source')}: {p} patches exceed the largest patch bucket {spec.max_patches}")
         if self.patches + p > spec.max_patches:
@@ -373,11 +393,6 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
             pixels.append(pair["pixel_values"])
             grids.append(np.asarray(pair["image_grid_thw"], np.int64).reshape(-1, 3))
     segment_ids = attention_mask.copy()
-    with_ref = [p for p in pairs if "ref_logps" in p]
-    if with_ref and len(with_ref) != len(pairs):
-        missing = next(p.get("source") for p in pairs if "ref_logps" not in p)
-        raise ValueError(f"{missing}: no ref_chosen_logps/ref_rejected_logps, but other records of the batch have "
-                         "them; precomputed reference log-probs must be given for every record or none")
     # Positions: the chosen rows consume every pair's images in order, then the rejected rows the same again.
     batch = {
         "input_ids": input_ids,
@@ -390,10 +405,8 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
         "pair_mask": pair_mask,
         "sources": [p.get("source") for p in pairs],  # host-only: "file:line" of each pair, in row order
     }
-    if with_ref:
-        ref = np.zeros((rows,), np.float32)  # [2n]
-        for i, pair in enumerate(pairs):
-            ref[i], ref[n + i] = pair["ref_logps"]
+    ref = _reference_logps(pairs, n)
+    if ref is not None:
         batch["ref_logps"] = ref
     vision = _vision_arrays(pixels, grids, spec)
     if vision:
@@ -406,6 +419,122 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
             index[side, : slots.size] = slots
         batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
     return batch
+
+
+def shared_prefix_length(pair: dict) -> int:
+    """Tokens the chosen and rejected sequences of a pair share at their start, up to the first training target of
+    either (their common prompt, images included)."""
+    chosen, rejected = np.asarray(pair["chosen_input_ids"]), np.asarray(pair["rejected_input_ids"])
+    limit = min(len(chosen), len(rejected))
+    differ = np.flatnonzero(chosen[:limit] != rejected[:limit])
+    prefix = int(differ[0]) if differ.size else limit
+    for side in ("chosen", "rejected"):
+        targets = np.flatnonzero(np.asarray(pair[f"{side}_target_mask"]))
+        if targets.size:
+            prefix = min(prefix, int(targets[0]))
+    return prefix
+
+
+def dpo_shared_prompt_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
+    """The DPO device batch with one row per pair: [prompt | chosen completion | rejected completion].
+
+    The prompt (and its image tokens) is embedded and run through the decoder once for both completions: with
+    ``branch_ids`` (0 prompt, 1 chosen, 2 rejected) a completion token attends to the prompt and to its own
+    completion only, and takes the positions it has in its own sequence, so every hidden state equals that of the
+    unshared layout. Row keys ([n, L]): input_ids, attention_mask, segment_ids (1 on tokens), branch_ids,
+    position_ids [3, n, L]; image_token_index [P/4] (one row per pair: the features go in once).
+
+    Targets stay per sequence, chosen then rejected ([2n, L], the unshared layout's labels and loss_mask), with
+    where each sits in the rows: sequence_row [2n] and sequence_position [2n, L] (host-only; the trainer turns
+    them into target_row / target_index). The last prompt token predicts the first token of both completions.
+    num_target_tokens, pair_mask, ref_logps and sources as in `dpo_batch`.
+    """
+    from medee_jax.models.rope import mrope_positions_for_sequence
+
+    n = spec.batch_size
+    if not 0 < len(pairs) <= n:
+        raise ValueError(f"expected 1..{n} pairs, got {len(pairs)}")
+    length = pick_bucket(max(spec.row_length(p) for p in pairs), spec.row_buckets)
+    seq_length = pick_bucket(max(example_length(p) for p in pairs), spec.length_buckets)
+    input_ids = np.full((n, length), spec.pad_id, np.int32)  # [n, L]
+    attention_mask = np.zeros((n, length), np.int32)
+    branch_ids = np.zeros((n, length), np.int32)
+    position_ids = np.zeros((3, n, length), np.int32)
+    labels = np.zeros((2 * n, seq_length), np.int32)  # [2n, Ls] per sequence, chosen then rejected
+    loss_mask = np.zeros((2 * n, seq_length), np.float32)
+    sequence_row = np.concatenate([np.arange(n), np.arange(n)]).astype(np.int32)  # [2n]
+    sequence_position = np.zeros((2 * n, seq_length), np.int32)
+    pair_mask = np.zeros((n,), np.float32)
+    pixels, grids = [], []
+    for i, pair in enumerate(pairs):
+        pair_mask[i] = 1.0
+        prefix = shared_prefix_length(pair)
+        grid = np.asarray(pair.get("image_grid_thw", np.zeros((0, 3))), np.int64).reshape(-1, 3)
+        start = prefix
+        for s, side in ((i, "chosen"), (n + i, "rejected")):
+            ids = np.asarray(pair[f"{side}_input_ids"], np.int32)
+            k = ids.shape[0]
+            if (ids[prefix:] == spec.image_token_id).any():
+                raise ValueError(f"{pair.get('source')}: image tokens after the shared prompt of the {side} answer; "
+                                 "set dpo.share_prompt=False for such pairs")
+            stop = start + k - prefix
+            input_ids[i, start:stop] = ids[prefix:]
+            attention_mask[i, start:stop] = 1
+            branch_ids[i, start:stop] = 1 if side == "chosen" else 2
+            positions, _ = mrope_positions_for_sequence(ids, grid, image_token_id=spec.image_token_id,
+                                                        spatial_merge_size=spec.vision.spatial_merge_size)
+            position_ids[:, i, start:stop] = positions[:, prefix:]
+            if side == "chosen":
+                input_ids[i, :prefix], attention_mask[i, :prefix] = ids[:prefix], 1
+                position_ids[:, i, :prefix] = positions[:, :prefix]
+            labels[s, :k], loss_mask[s, :k] = shifted_targets(ids, np.asarray(pair[f"{side}_target_mask"]))
+            sequence_position[s, :k] = np.concatenate([np.arange(prefix), np.arange(start, stop)])
+            start = stop
+        if example_patches(pair):
+            pixels.append(pair["pixel_values"])
+            grids.append(grid)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "segment_ids": attention_mask.copy(),
+        "branch_ids": branch_ids,
+        "position_ids": position_ids,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "sequence_row": sequence_row,
+        "sequence_position": sequence_position,
+        "num_target_tokens": loss_mask.sum(axis=1).astype(np.int32),
+        "pair_mask": pair_mask,
+        "sources": [p.get("source") for p in pairs],
+    }
+    ref = _reference_logps(pairs, n)
+    if ref is not None:
+        batch["ref_logps"] = ref
+    vision = _vision_arrays(pixels, grids, spec)
+    if vision:
+        unit = spec.vision.spatial_merge_size**2
+        index = np.full((vision["pixel_values"].shape[0] // unit,), n * length, np.int32)  # [P/4]
+        slots = _image_slots(input_ids, attention_mask, slice(0, n), spec)
+        _check_slots(slots.size, vision["num_valid_patches"] // unit)
+        index[: slots.size] = slots
+        batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
+    return batch
+
+
+def _reference_logps(pairs: list[dict], n: int) -> np.ndarray | None:
+    """[2n] precomputed reference log-probs (chosen then rejected, 0 for padding pairs), or None when no pair has
+    them; raises when only some pairs do."""
+    with_ref = [p for p in pairs if "ref_logps" in p]
+    if not with_ref:
+        return None
+    if len(with_ref) != len(pairs):
+        missing = next(p.get("source") for p in pairs if "ref_logps" not in p)
+        raise ValueError(f"{missing}: no ref_chosen_logps/ref_rejected_logps, but other records of the batch have "
+                         "them; precomputed reference log-probs must be given for every record or none")
+    ref = np.zeros((2 * n,), np.float32)
+    for i, pair in enumerate(pairs):
+        ref[i], ref[n + i] = pair["ref_logps"]
+    return ref
 
 
 def _check_slots(tokens: int, features: int) -> None:

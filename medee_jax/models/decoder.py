@@ -68,13 +68,17 @@ def decoder_layer(p: dict, x, cos, sin, allowed, cfg: TextConfig):
     return x + swiglu(h, p["gate_proj_kernel"], p["up_proj_kernel"], p["down_proj_kernel"])
 
 
-def text_attention_mask(attention_mask, segment_ids=None):
-    """Returns bool [B, L, L]: causal, keys must be attended tokens, and (if packed) of the query's segment."""
+def text_attention_mask(attention_mask, segment_ids=None, branch_ids=None):
+    """Returns bool [B, L, L]: causal, keys must be attended tokens, (if packed) of the query's segment, and (with
+    ``branch_ids``, a shared prompt: 0 on the prompt, 1, 2, ... on the completions that follow it in the row) on
+    the prompt or on the query's own completion."""
     length = attention_mask.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     allowed = causal[None] & attention_mask.astype(bool)[:, None, :]
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if branch_ids is not None:
+        allowed = allowed & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
     return allowed
 
 
@@ -95,15 +99,16 @@ class Qwen2Decoder(nnx.Module):
         """Returns token embeddings [B, L, D] in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, embeds, position_ids, attention_mask, segment_ids=None):
+    def __call__(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None):
         """Returns final (normed) hidden states [B, L, D].
 
         embeds [B, L, D]; position_ids [3, B, L] (M-RoPE) ; attention_mask [B, L] (1 = token, 0 = padding);
-        segment_ids [B, L] optional, for packed rows (no attention across examples).
+        segment_ids [B, L] optional, for packed rows (no attention across examples); branch_ids [B, L] optional,
+        for a prompt shared by several completions (see text_attention_mask).
         """
         cfg = self.cfg
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)  # [B, L, Dh]
-        allowed = text_attention_mask(attention_mask, segment_ids)  # [B, L, L]
+        allowed = text_attention_mask(attention_mask, segment_ids, branch_ids)  # [B, L, L]
         layer_params = jax.tree.map(lambda a: a.astype(self.dtype), self.layers.stacked())
 
         def body(x, p):

@@ -170,9 +170,9 @@ class Qwen25VL(nnx.Module):
         flat = embeds.reshape(b * length, d).at[image_token_index.reshape(-1)].set(features, mode="drop")
         return flat.reshape(b, length, d)
 
-    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None):
-        """Returns final normed hidden states [B, L, D]."""
-        return self.language_model(embeds, position_ids, attention_mask, segment_ids)
+    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None):
+        """Returns final normed hidden states [B, L, D] (``branch_ids``: see decoder.text_attention_mask)."""
+        return self.language_model(embeds, position_ids, attention_mask, segment_ids, branch_ids)
 
     def lm_head_kernel(self):
         """Returns the LM-head kernel [D, V] (the embedding's transpose when tied)."""

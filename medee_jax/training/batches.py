@@ -20,6 +20,7 @@ from .mesh import local_data_shards, stack_shards, to_global
 log = logging.getLogger("medee_jax.train")
 
 ROW_KEYS = ("input_ids", "attention_mask", "segment_ids", "labels", "loss_mask")
+OPTIONAL_ROW_KEYS = ("branch_ids", "sequence_position")  # shared-prompt DPO batches
 
 
 def _pad_last(x: np.ndarray, length: int) -> np.ndarray:
@@ -49,13 +50,13 @@ def pad_shard_batch(batch: dict, length: int, patches: int | None, vision_cfg) -
     """Returns ``batch`` padded to sequence length ``length`` and (if not None) ``patches`` vision patches."""
     rows, l0 = batch["input_ids"].shape
     out = dict(batch)
-    for key in ROW_KEYS:
+    for key in ROW_KEYS + tuple(k for k in OPTIONAL_ROW_KEYS if k in batch):
         out[key] = _pad_last(batch[key], length)
     out["position_ids"] = _pad_last(batch["position_ids"], length)
     if patches is None:
         return out
     unit = vision_cfg.spatial_merge_size ** 2
-    copies = 2 if "pair_mask" in batch else 1
+    copies = 2 if "pair_mask" in batch and "branch_ids" not in batch else 1  # unshared DPO: [2, F] index
     if "pixel_values" in batch:
         p0 = batch["pixel_values"].shape[0]
         out["pixel_values"] = np.pad(batch["pixel_values"], ((0, patches - p0), (0, 0)))
@@ -82,24 +83,31 @@ def target_width(batches: list[dict], buckets: tuple[int, ...]) -> int:
 
 
 def add_target_arrays(batch: dict, width: int) -> dict:
-    """Returns ``batch`` plus the positions, labels and weights of its training targets, left-aligned per row:
+    """Returns ``batch`` plus the places, labels and weights of each sequence's training targets, left-aligned:
 
-      target_index [R, T] int32    positions t (ascending) where loss_mask[r, t] != 0; 0 on the padding entries
-      target_labels [R, T] int32   labels[r, target_index[r, j]]; 0 on padding
-      target_mask  [R, T] float32  loss_mask[r, target_index[r, j]]; 0 on padding
+      target_row   [S, T] int32    the batch row holding sequence s's target j
+      target_index [S, T] int32    its position in that row; both 0 on the padding entries
+      target_labels [S, T] int32   labels[s, t] for the sequence positions t (ascending) where loss_mask[s, t] != 0
+      target_mask  [S, T] float32  loss_mask[s, t]; 0 on padding
 
-    The step runs the LM head on these T positions only (their gathered hidden states), not on all L."""
-    mask = batch["loss_mask"] != 0  # [R, L]
-    counts = mask.sum(-1)  # [R]
+    Sequences are the rows of labels / loss_mask [S, L]: the batch rows themselves, or for a shared-prompt DPO
+    batch its chosen and rejected sequences, placed by sequence_row [S] / sequence_position [S, L]. The step runs
+    the LM head on these T places only (their gathered hidden states), not on all L positions of every row."""
+    mask = batch["loss_mask"] != 0  # [S, L]
+    counts = mask.sum(-1)  # [S]
     if width < counts.max(initial=0):
         raise ValueError(f"target width {width} is below a row's {counts.max()} targets")
-    order = np.argsort(~mask, axis=-1, kind="stable")[:, :width]  # [R, T] target positions first, in order
-    valid = np.arange(width)[None, :] < counts[:, None]  # [R, T]
-    index = np.where(valid, order, 0).astype(np.int32)
+    order = np.argsort(~mask, axis=-1, kind="stable")[:, :width]  # [S, T] target positions first, in order
+    valid = np.arange(width)[None, :] < counts[:, None]  # [S, T]
+    position = np.where(valid, order, 0)
+    rows = batch.get("sequence_row", np.arange(mask.shape[0]))  # [S]
+    places = batch.get("sequence_position")
     out = dict(batch)
-    out["target_index"] = index
-    out["target_labels"] = np.where(valid, np.take_along_axis(batch["labels"], index, -1), 0).astype(np.int32)
-    out["target_mask"] = np.where(valid, np.take_along_axis(batch["loss_mask"], index, -1), 0).astype(np.float32)
+    out["target_row"] = np.where(valid, np.asarray(rows)[:, None], 0).astype(np.int32)
+    index = position if places is None else np.take_along_axis(places, position, -1)
+    out["target_index"] = np.where(valid, index, 0).astype(np.int32)
+    out["target_labels"] = np.where(valid, np.take_along_axis(batch["labels"], position, -1), 0).astype(np.int32)
+    out["target_mask"] = np.where(valid, np.take_along_axis(batch["loss_mask"], position, -1), 0).astype(np.float32)
     return out
 
 
@@ -133,7 +141,8 @@ class BatchSource:
             shuffle=shuffle, num_epochs=num_epochs,
             num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
             image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
-            media_root=data.media_root or None)
+            media_root=data.media_root or None,
+            share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))
         self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)
         self._iterator = None
         self._batches_per_epoch = None
@@ -200,7 +209,7 @@ class BatchSource:
 
 _DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
                 "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps",
-                "target_index", "target_labels", "target_mask")
+                "branch_ids", "target_row", "target_index", "target_labels", "target_mask")
 
 
 def _empty_like(batch: dict) -> dict:

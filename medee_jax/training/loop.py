@@ -82,7 +82,7 @@ def _global_norms(micro_batches: list[dict], mode: str) -> dict:
     else:
         pairs, chosen_tokens = 0.0, 0.0
         for b in micro_batches:
-            n = b["input_ids"].shape[-2] // 2
+            n = b["loss_mask"].shape[-2] // 2  # sequences: chosen then rejected
             chosen = b["loss_mask"][..., :n, :].sum(-1)  # [S, n]
             pairs += float((chosen > 0).sum())
             chosen_tokens += float(chosen.sum())

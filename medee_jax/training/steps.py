@@ -97,14 +97,17 @@ def _image_features(model, shard):
 
 def _hidden(model, shard, features):
     embeds = model.embed(shard["input_ids"], features, shard.get("image_token_index"))
-    return model.hidden_states(embeds, shard["position_ids"], shard["attention_mask"], shard.get("segment_ids"))
+    return model.hidden_states(embeds, shard["position_ids"], shard["attention_mask"], shard.get("segment_ids"),
+                               shard.get("branch_ids"))
 
 
 def _target_hidden(model, shard, features):
-    """Returns the final hidden states at the shard's training targets [B, T, D] (``target_index``, see
-    training/batches.py): the LM head then runs on T positions per row instead of L."""
+    """Returns the final hidden states at each sequence's training targets [S, T, D] (``target_row`` and
+    ``target_index``, see training/batches.py): the LM head then runs on T places per sequence instead of L."""
     hidden = _hidden(model, shard, features)  # [B, L, D]
-    return jnp.take_along_axis(hidden, shard["target_index"][..., None], axis=1)  # [B, T, D]
+    b, length, d = hidden.shape
+    flat = shard["target_row"] * length + shard["target_index"]  # [S, T]
+    return jnp.take(hidden.reshape(b * length, d), flat, axis=0)  # [S, T, D]
 
 
 def _sequence_logps(model, shard, features, opts: StepOptions):

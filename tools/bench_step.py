@@ -399,8 +399,6 @@ def host_batch(config, model_cfg, examples: list[dict], shards: int) -> dict:
 
 
 def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
-    import functools
-
     import jax
     from flax import nnx
 
@@ -447,8 +445,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # Trainer.run: the jitted halves of a step (one micro-batch: accumulate_first, then apply).
-    accumulate_first, _, apply = steps.jit_step(graphdef, opts, optimizer, schedule, shardings,
-                                                config.optimizer.max_grad_norm)
+    step_fns = steps.jit_step(graphdef, opts, optimizer, schedule, shardings, config.optimizer.max_grad_norm)
 
     local = host_batch(config, model_cfg, examples, shards)
     box = {"state": state, "metrics": None}
@@ -457,8 +454,8 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     def step():
         batch = to_global(mesh, local)
         norms = loop._global_norms([local], config.mode)
-        acc = accumulate_first(box["state"], batch, norms)
-        box["state"], m = apply(box["state"], acc)
+        acc = step_fns.accumulate_first(box["state"], batch, norms)
+        box["state"], m = step_fns.apply(box["state"], acc)
         box["metrics"] = {k: float(v) for k, v in jax.device_get(m).items()}
         int(box["state"]["nonfinite_in_a_row"])
 
@@ -466,18 +463,17 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     if args.memory_analysis:
         batch = to_global(mesh, local)
         norms = loop._global_norms([local], config.mode)
-        compiled = accumulate_first.lower(box["state"], batch, norms).compile()
+        compiled = step_fns.accumulate_first.lower(box["state"], batch, norms).compile()
         mem = compiled.memory_analysis()
         memory = {"accumulate_temp_mb": mem.temp_size_in_bytes / 2**20,
                   "accumulate_argument_mb": mem.argument_size_in_bytes / 2**20,
                   "accumulate_output_mb": mem.output_size_in_bytes / 2**20,
                   "accumulate_alias_mb": mem.alias_size_in_bytes / 2**20}
-        clip = jax.jit(functools.partial(steps.clip_gradients, config.optimizer.max_grad_norm), donate_argnums=0)
-        acc_shape = jax.eval_shape(clip, jax.eval_shape(accumulate_first, box["state"], batch, norms))
-        mem = clip.lower(acc_shape).compile().memory_analysis()
+        acc_shape = jax.eval_shape(step_fns.accumulate_first, box["state"], batch, norms)
+        mem = step_fns.clip.lower(acc_shape).compile().memory_analysis()
         memory["clip_temp_mb"] = mem.temp_size_in_bytes / 2**20
-        update = jax.jit(functools.partial(steps.apply, optimizer, schedule), donate_argnums=0)
-        mem = update.lower(box["state"], acc_shape).compile().memory_analysis()
+        acc_shape = jax.eval_shape(step_fns.clip, acc_shape)
+        mem = step_fns.update.lower(box["state"], acc_shape).compile().memory_analysis()
         memory.update({"apply_temp_mb": mem.temp_size_in_bytes / 2**20,
                        "apply_argument_mb": mem.argument_size_in_bytes / 2**20,
                        "apply_output_mb": mem.output_size_in_bytes / 2**20,

@@ -187,8 +187,7 @@ class Trainer:
             log.info("resumed from %s at step %d", checkpointer.directory, start)
         start = int(start or 0)
 
-        accumulate_first, accumulate, apply = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings,
-                                                             c.optimizer.max_grad_norm)
+        step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings, c.optimizer.max_grad_norm)
 
         flops_per_token = metrics_lib.flops_per_token(
             self.model.config.text, seq_len=c.data.max_length,
@@ -202,10 +201,10 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro = [self.train_source.next_local() for _ in range(c.data.grad_accum_steps)]
                 norms = _global_norms(micro, c.mode)
-                acc = accumulate_first(state, self.train_source.to_device(micro[0]), norms)
+                acc = step_fns.accumulate_first(state, self.train_source.to_device(micro[0]), norms)
                 for batch in micro[1:]:
-                    acc = accumulate(acc, state, self.train_source.to_device(batch), norms)
-                state, m = apply(state, acc)
+                    acc = step_fns.accumulate(acc, state, self.train_source.to_device(batch), norms)
+                state, m = step_fns.apply(state, acc)
                 step += 1
                 if step % c.train.log_every == 0 or step == self.total_steps:
                     m = {k: float(v) for k, v in jax.device_get(m).items()}

@@ -17,7 +17,8 @@ Batches carry a leading data-shard axis S (see mesh.py); the forward is vmapped 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,16 +112,16 @@ def _target_hidden(model, shard, features):
 
 
 def _sequence_logps(model, shard, features, opts: StepOptions):
-    hidden = _target_hidden(model, shard, features)  # [B, T, D]
+    hidden = _target_hidden(model, shard, features)  # [S, T, D]
     return losses.chunked_sequence_logps(hidden, model.lm_head_kernel(), shard["target_labels"],
                                          shard["target_mask"], vocab_chunk=opts.vocab_chunk,
-                                         seq_chunk=opts.seq_chunk)  # [rows]
+                                         seq_chunk=opts.seq_chunk)  # [S]
 
 
 def sft_sums(model, batch, opts: StepOptions):
     """Returns (Σ token NLL, Σ target tokens) over all shards of a stacked SFT batch."""
     def one(shard):
-        hidden = _target_hidden(model, shard, _image_features(model, shard))  # [B, T, D]
+        hidden = _target_hidden(model, shard, _image_features(model, shard))  # [S, T, D]
         return losses.chunked_sft_loss_sum_count(hidden, model.lm_head_kernel(), shard["target_labels"],
                                                  shard["target_mask"], vocab_chunk=opts.vocab_chunk,
                                                  seq_chunk=opts.seq_chunk)
@@ -172,8 +173,9 @@ DPO_METRICS = ("loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "re
                "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def _micro_batch(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
-    """Returns one stacked micro-batch's contribution in accumulator form: fp32 gradients, loss share, metric sums.
+def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+    """Returns the accumulator of a step's first stacked micro-batch: fp32 gradients, loss share, metric sums (what
+    ``accumulate`` would give from a zero accumulator, without allocating and adding a zero gradient tree).
 
     ``norms`` are the global counts of the whole optimizer step: {"tokens"} for SFT, {"pairs", "chosen_tokens"}
     for DPO. Each micro-batch's loss is its sum over those counts, so the shares add up to the exact global mean.
@@ -196,15 +198,9 @@ def _micro_batch(graphdef, state: dict, batch: dict, norms: dict, opts: StepOpti
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
 
 
-def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
-    """Returns the accumulator after a step's first micro-batch (what ``accumulate`` gives from a zero accumulator,
-    without allocating and adding that zero gradient tree: one parameter-sized buffer less at the step's peak)."""
-    return _micro_batch(graphdef, state, batch, norms, opts)
-
-
 def accumulate(graphdef, acc: dict, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
-    """Returns ``acc`` plus the gradients, loss share and metric sums of one stacked micro-batch (see _micro_batch)."""
-    return jax.tree.map(jnp.add, acc, _micro_batch(graphdef, state, batch, norms, opts))
+    """Returns ``acc`` plus the gradients, loss share and metric sums of one more stacked micro-batch."""
+    return jax.tree.map(jnp.add, acc, accumulate_first(graphdef, state, batch, norms, opts))
 
 
 def clip_gradients(max_grad_norm: float, acc: dict) -> dict:
@@ -247,21 +243,27 @@ def apply(optimizer: optax.GradientTransformation, lr_schedule, state: dict, acc
     return new_state, metrics
 
 
+class StepFunctions(NamedTuple):
+    """The trainer's jitted step pieces, accumulators and state donated. One optimizer step over micro-batches
+    b_1..b_k is ``acc = accumulate_first(state, b_1, norms); acc = accumulate(acc, state, b_i, norms) ...;
+    state, metrics = apply(state, acc)``, where ``apply`` runs ``clip`` then ``update``."""
+
+    accumulate_first: Any
+    accumulate: Any
+    clip: Any
+    update: Any
+
+    def apply(self, state: dict, acc: dict) -> tuple[dict, dict]:
+        return self.update(state, self.clip(acc))
+
+
 def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformation, lr_schedule, state_shardings,
-             max_grad_norm: float):
-    """Returns the trainer's jitted step pieces ``(accumulate_first, accumulate, apply)``, accumulators and state
-    donated. One optimizer step over micro-batches b_1..b_k is
-    ``acc = accumulate_first(state, b_1, norms); acc = accumulate(acc, state, b_i, norms) ...;
-    state, metrics = apply(state, acc)`` (``apply`` = jitted ``clip_gradients``, then the jitted update)."""
-    import functools
-
-    first = jax.jit(functools.partial(accumulate_first, graphdef, opts=opts))
-    more = jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0)
-    clip = jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0)
-    update = jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
-                     out_shardings=(state_shardings, None))
-
-    def clip_and_update(state, acc):
-        return update(state, clip(acc))
-
-    return first, more, clip_and_update
+             max_grad_norm: float) -> StepFunctions:
+    """Returns the jitted step pieces (see StepFunctions)."""
+    return StepFunctions(
+        accumulate_first=jax.jit(functools.partial(accumulate_first, graphdef, opts=opts)),
+        accumulate=jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0),
+        clip=jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0),
+        update=jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
+                       out_shardings=(state_shardings, None)),
+    )

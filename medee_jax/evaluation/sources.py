@@ -83,6 +83,8 @@ def table_rows(path: str | os.PathLike, *, delimiter: str) -> Iterator[tuple[tup
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
+        if reader.fieldnames is None:  # reads the header row
+            return
         start = reader.line_num + 1
         for row in reader:
             if row is not None and any(v not in (None, "") for v in row.values()):

@@ -101,17 +101,19 @@ def _sample_records(items, generate_fn, settings: EvalSettings, cache, model_id:
 def summarize_records(records: list[dict], items: list[MCItem], n_samples: int) -> dict:
     """Per condition and group: accuracy, parse failures, scaling. Per group, the blind control against the
     standard accuracy on the same items: {"blank"|"shuffled": {"items", "standard", "accuracy", "drop"}}."""
-    by_id = {i.id: i for i in items}
-    answers: dict[tuple[str, str], list] = defaultdict(list)
+    by_key = {(i.benchmark, i.id): i for i in items}
+    if len(by_key) != len(items):
+        raise ValueError("item ids must be unique within each benchmark")
+    answers: dict[tuple[str, str, str], list] = defaultdict(list)
     for r in records:
-        answers[(r["condition"], r["id"])].append(r["parsed"])
+        answers[(r["condition"], r["benchmark"], r["id"])].append(r["parsed"])
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for (condition, item_id), letters in answers.items():
-        item = by_id[item_id]
+    for (condition, benchmark, item_id), letters in answers.items():
+        item = by_key[(benchmark, item_id)]
         if item.answer is None:
             continue
         for name in group_names(item):
-            groups[condition][name].append({"id": item_id, "answers": letters, "truth": item.answer})
+            groups[condition][name].append({"id": (benchmark, item_id), "answers": letters, "truth": item.answer})
     results = {c: {g: summarize(rows, n_samples) for g, rows in sorted(gs.items())} for c, gs in groups.items()}
     drops = {}
     for name, standard_rows in sorted(groups["standard"].items()):

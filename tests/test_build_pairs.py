@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from medee_jax.data.formats import load_records
+from medee_jax.pairs.build import run_stages
 from medee_jax.pairs.candidates import read_candidates
 from medee_jax.pairs.sample import demo_cases
 from tests.eval_fixtures import FakeGenerator, write_jsonl, write_png
@@ -103,8 +104,6 @@ def test_openai_judge_through_the_tool(tmp_path):
 
 
 def test_rules_judge_and_sample_stage_in_process(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import build_pairs  # tools/build_pairs.py
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pairs_config", os.path.join(ROOT, "configs/pairs.py"))
@@ -121,11 +120,11 @@ def test_rules_judge_and_sample_stage_in_process(tmp_path):
 
     fake = FakeGenerator(answer_of)
     with pytest.raises(FileNotFoundError, match="run first: python -m medee_jax.train --config configs/sft.py"):
-        build_pairs.run(c, str(tmp_path / "w0"))  # the default policy is the Stage-I demo workdir
+        run_stages(c, str(tmp_path / "w0"))  # the default policy is the Stage-I demo workdir
     c.model = "embedded"
     with pytest.raises(Exception, match="generation not available yet"):
-        build_pairs.run(c, str(tmp_path / "w0"))  # the real model side is not there yet
-    summary = build_pairs.run(c, str(tmp_path / "w"), load_generator=lambda spec: fake)
+        run_stages(c, str(tmp_path / "w0"))  # the real model side is not there yet
+    summary = run_stages(c, str(tmp_path / "w"), load_generator=lambda spec: fake)
     cases = read_candidates(str(tmp_path / "w/candidates.jsonl"))
     assert len(cases) == 12 and all(len(case.responses) == 4 for case in cases)
     assert all(case.answer in "ABCD" and len(case.options) == 4 and os.path.isfile(case.images[0]) for case in cases)
@@ -136,6 +135,6 @@ def test_rules_judge_and_sample_stage_in_process(tmp_path):
     assert len(pairs) == summary["pairs_written"]
 
     again = FakeGenerator(answer_of)
-    build_pairs.run(c, str(tmp_path / "w"), load_generator=lambda spec: again)
+    run_stages(c, str(tmp_path / "w"), load_generator=lambda spec: again)
     assert again.calls == 0  # resumed from the cached generations
     assert (tmp_path / "w/pairs.jsonl").read_text().count("\n") == summary["pairs_written"]

@@ -6,9 +6,7 @@ import os
 import subprocess
 import sys
 
-from ml_collections import config_flags  # noqa: F401  (the config file imports ml_collections)
-
-from medee_jax import evaluate
+from medee_jax.evaluation import suite
 from medee_jax.evaluation.generation import GenerationUnavailable
 from medee_jax.evaluation.model_runner import ModelSpec, load_generator, parse_model_specs
 from tests.eval_fixtures import FakeGenerator
@@ -63,7 +61,7 @@ def test_evaluate_demo_with_injected_generator(tmp_path):
         fakes[spec.name] = FakeGenerator()
         return fakes[spec.name]
 
-    results = evaluate.evaluate(c, str(tmp_path), load_generator=load)
+    results = suite.evaluate(c, str(tmp_path), load_generator=load)
     assert set(results) == {"base", "other"}
     assert results["base"]["items"] == 120 and set(results["base"]["conditions"]) == {"standard", "blank", "shuffled"}
     assert results["base"]["settings"]["instruction"].startswith("Reason step by step inside <think>")

@@ -20,26 +20,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/pairs
 _WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (caches, candidates, pairs, summary).")
 
 
-def run(c, workdir: str, *, load_generator=None) -> dict | None:
-    """Runs the configured stage(s); returns the judge stage's summary (None for stage=sample)."""
-    from medee_jax.evaluation import model_runner
-    from medee_jax.pairs.build import run_judge_stage
-    from medee_jax.pairs.sample import run_sample_stage
-
-    if c.stage not in ("sample", "judge", "all"):
-        raise ValueError(f"stage must be sample, judge or all, got {c.stage!r}")
-    os.makedirs(workdir, exist_ok=True)
-    if c.stage in ("sample", "all"):
-        (spec,) = model_runner.parse_model_specs(f"policy={c.model}", seed=c.seed)
-        model_runner.check_model(spec)
-        generate_fn = (load_generator or model_runner.load_generator)(spec)
-        path = run_sample_stage(c, workdir, generate_fn, model_id=model_runner.model_identity(spec))
-        print(f"candidates: {path}", file=sys.stderr)
-    if c.stage in ("judge", "all"):
-        return run_judge_stage(c, workdir, load_generator=load_generator)
-    return None
-
-
 def main(argv) -> int:
     del argv
     c = _CONFIG.value
@@ -49,8 +29,10 @@ def main(argv) -> int:
     from medee_jax.data.errors import BadRecordError
     from medee_jax.evaluation.generation import GenerationUnavailable
 
+    from medee_jax.pairs.build import run_stages
+
     try:
-        summary = run(c, _WORKDIR.value)
+        summary = run_stages(c, _WORKDIR.value)
     except (GenerationUnavailable, FileNotFoundError, ValueError, BadRecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

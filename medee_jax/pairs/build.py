@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 
 from medee_jax.evaluation.cache import JsonlCache
@@ -133,3 +134,24 @@ def run_judge_stage(c, workdir: str, *, judge=None, load_generator=None) -> dict
         json.dump(summary, f, indent=1)
         f.write("\n")
     return summary
+
+
+def run_stages(c, workdir: str, *, load_generator=None) -> dict | None:
+    """Runs `c.stage` (sample | judge | all) in `workdir`; returns the judge stage's summary (None for sample).
+    `load_generator(spec)` defaults to `model_runner.load_generator`."""
+    from medee_jax.evaluation import model_runner
+
+    from .sample import run_sample_stage
+
+    if c.stage not in ("sample", "judge", "all"):
+        raise ValueError(f"stage must be sample, judge or all, got {c.stage!r}")
+    os.makedirs(workdir, exist_ok=True)
+    if c.stage in ("sample", "all"):
+        (spec,) = model_runner.parse_model_specs(f"policy={c.model}", seed=c.seed)
+        model_runner.check_model(spec)
+        generate_fn = (load_generator or model_runner.load_generator)(spec)
+        path = run_sample_stage(c, workdir, generate_fn, model_id=model_runner.model_identity(spec))
+        print(f"candidates: {path}", file=sys.stderr)
+    if c.stage in ("judge", "all"):
+        return run_judge_stage(c, workdir, load_generator=load_generator)
+    return None

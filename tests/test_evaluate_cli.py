@@ -72,3 +72,37 @@ def test_evaluate_demo_with_injected_generator(tmp_path):
     assert "| all | base | 120 |" in table and "| all | other | 120 |" in table
     assert (tmp_path / "results.png").stat().st_size > 0
     assert json.loads((tmp_path / "base/results.json").read_text()) == results["base"]
+
+
+def test_prompt_encoding_and_decoding_for_generate(chat_tokenizer, tmp_path):
+    """The arrays the adapter will hand to medee_jax.models.generate, and reading its output rows back."""
+    import numpy as np
+
+    from medee_jax.data.images import qwen2_vl_preprocess
+    from medee_jax.evaluation.generation import GenerationRequest
+    from medee_jax.evaluation.items import ImageRef
+    from medee_jax.evaluation.model_runner import decode_rows, encode_prompts
+    from tests.eval_fixtures import write_png
+
+    image = ImageRef(path=write_png(tmp_path / "a.png", 90, (64, 56)))
+    with_image = GenerationRequest.make([{"role": "user", "content": "<image>Where is the lesion?"}], [image], 0)
+    text_only = GenerationRequest.make([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is 2 + 2?"}], [], 0)
+    arrays = encode_prompts([with_image, text_only], chat_tokenizer, min_pixels=3136, max_pixels=64 * 64,
+                            pad_token_id=0)
+    ids, mask = arrays["input_ids"], arrays["attention_mask"]
+    _, grid = qwen2_vl_preprocess([image.load()], 3136, 64 * 64)
+    n_image_tokens = int(grid.prod() // 4)
+    assert (ids[0] == chat_tokenizer.image_token_id).sum() == n_image_tokens
+    assert np.array_equal(arrays["image_grid_thw"], grid) and arrays["pixel_values"].shape == (int(grid.prod()), 1176)
+    assert mask[0].all() and mask[1, 0] == 0 and ids[1, 0] == 0  # the shorter row is left-padded
+    expected = chat_tokenizer.encode([chat_tokenizer.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True)])[0]
+    assert ids[1, mask[1] == 1].tolist() == expected
+
+    tok = chat_tokenizer.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    words = chat_tokenizer.encode(["The answer is B"])[0]
+    rows = np.array([words + [eos, 0, 0], words + [7, 7, 7]])
+    assert decode_rows(rows, tok, [eos]) == [("The answer is B", "stop"), (tok.decode(words + [7, 7, 7]), "length")]

@@ -92,3 +92,32 @@ def test_rubric_reply_parsing():
 def test_options_from_prompt():
     assert options_from_prompt([{"from": "human", "value": PROMPT}]) == OPTIONS
     assert options_from_prompt([{"from": "human", "value": "No options here."}]) == ()
+
+
+def test_model_judge_retries_a_malformed_reply(tmp_path):
+    from medee_jax.evaluation.cache import JsonlCache
+    from medee_jax.pairs.model_judge import ModelJudge
+
+    good = '{"logical_consistency": 8, "image_grounding": 7, "no_hallucination": 9, "reflection": 5, "rationale": "ok"}'
+    calls = []
+
+    def generate(requests, *, n_samples, temperature, top_p, max_new_tokens, seed):
+        calls.append((len(requests), temperature))
+        # greedy: prose for the second response; the retry (another seed, temperature 0.7) answers properly
+        return [[(good if temperature > 0 or "[ok]" in r.messages[-1][1] else "Looks fine to me.", "stop")]
+                for r in requests]
+
+    case = Case(id="c", conversations=({"from": "human", "value": PROMPT},), images=(), answer="B", options=OPTIONS,
+                responses=())
+    judge = ModelJudge(generate, "m", JsonlCache(tmp_path / "judge.jsonl"), max_retries=1)
+    results = judge.judge([(case, "[ok] The answer is B"), (case, "The answer is C")])
+    assert [r["scores"]["reflection"] for r in results] == [5, 5]
+    assert calls == [(2, 0.0), (1, 0.7)]
+    system, user = judge.request(case, "x", 0).messages
+    assert system[0] == "system" and "The reference (correct) final answer is: B. The upper-right" in system[1]
+
+    def never(requests, **kw):
+        return [[("no JSON here", "stop")] for _ in requests]
+
+    failed = ModelJudge(never, "m2", JsonlCache(tmp_path / "judge2.jsonl"), max_retries=2).judge([(case, "x")])
+    assert failed[0]["failure"] == "malformed_scores"

@@ -102,8 +102,11 @@ def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment
     scale: default ``Dh ** -0.5``. implementation: see the module docstring.
     block_q, block_k: query/key block sizes of blockwise, splash and pallas_gpu (rounded to their tile rules);
       default ``DEFAULT_BLOCK_CPU`` on CPU, ``DEFAULT_BLOCK_ACCELERATOR`` elsewhere.
-    mesh, batch_axes, head_axis: splash only, run the kernel under ``shard_map`` with the batch split over
-      ``batch_axes`` and the heads over ``head_axis`` of ``mesh`` (a Pallas TPU kernel cannot be auto-partitioned).
+    mesh, batch_axes, head_axis: the device mesh the call is compiled for; ``auto`` chooses by its devices' platform
+      (so an ahead-of-time compile for a TPU topology on a CPU host picks splash). splash runs under ``shard_map``
+      with the batch split over ``batch_axes`` and the heads over ``head_axis`` (None: heads whole) of ``mesh`` (a
+      Pallas TPU kernel cannot be partitioned automatically); without a mesh it runs as is (one device, or inside
+      the caller's shard_map).
     interpret: run Pallas kernels in interpret mode (CPU tests).
     """
     if implementation not in IMPLEMENTATIONS:
@@ -132,11 +135,14 @@ def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment
                          static_offset=isinstance(q_offset, (int, np.integer)),
                          zero_offset=isinstance(q_offset, (int, np.integer)) and int(q_offset) == 0,
                          same_length=lq == lk, dtype=jnp.dtype(q.dtype), head_dim=dh, num_scores=lq * lk)
-    default_block = DEFAULT_BLOCK_CPU if jax.default_backend() == "cpu" else DEFAULT_BLOCK_ACCELERATOR
+    # The platform the code is compiled for: the mesh's devices (ahead-of-time compilation for a TPU topology on a
+    # CPU host), else the default backend.
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    default_block = DEFAULT_BLOCK_CPU if platform == "cpu" else DEFAULT_BLOCK_ACCELERATOR
     block_q = block_q or default_block
     block_k = block_k or default_block
     if implementation == "auto":
-        implementation = choose_implementation(features, jax.default_backend())
+        implementation = choose_implementation(features, platform)
     else:
         missing = unsupported(implementation, features)
         if missing:

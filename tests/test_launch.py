@@ -4,6 +4,8 @@ the Slurm script run end to end with stand-in srun and scontrol, and every comma
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
 import re
@@ -255,3 +257,20 @@ def test_readme_tpu_walkthrough_runs_dry():
         result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, env=env, cwd=REPO)
         assert result.returncode == 0, (command, result.stderr)
         assert result.stdout.splitlines()[-1].startswith("gcloud compute tpus tpu-vm"), command
+
+
+def test_device_check_smoke_on_cpu():
+    """tools/device_check.py --smoke runs its attention and DPO-step sections here: JSON lines, no errors, blockwise
+    within bf16 rounding of reference, and the first DPO steps' loss at ln 2 (policy = reference, lr warming up)."""
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "device_check.py"), "--smoke", "--only",
+                             "attention,dpo_step", "--remat", "full", "--steps", "1"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert not [r for r in records if "error" in r], records
+    attention = {r["impl"]: r for r in records if r["section"] == "attention" and "impl" in r}
+    assert set(attention) == {"reference", "blockwise"}
+    assert attention["reference"]["max_abs_diff_out"] == 0.0
+    assert attention["blockwise"]["max_abs_diff_out"] < 0.05 and max(attention["blockwise"]["max_abs_diff_grads"]) < 0.05
+    (step,) = [r for r in records if r["section"] == "dpo_step" and "remat" in r]
+    assert abs(step["loss"] - math.log(2)) < 1e-3 and step["grad_norm"] > 0 and step["median_step_s"] > 0

@@ -322,3 +322,23 @@ def test_blockwise_memory_grows_linearly(with_grad):
     dense = {n: compiled_temp_bytes("reference", n, with_grad) for n in (512, 1024, 2048)}
     dense_ratio = (dense[2048] - dense[1024]) / (dense[1024] - dense[512])
     assert dense_ratio > 3.5, dense  # the check tells quadratic from linear
+
+
+def test_splash_interpret_query_block_at_offset():
+    """splash with a static q_offset (a chunk of 128 queries at position 128 of a 256-key cache filled to 200 and
+    180 keys), against reference, values and gradients."""
+    lengths = np.array([200, 180], np.int32)
+    kwargs = dict(causal=True, kv_lengths=lengths, q_offset=128)
+    rows = np.ones((B, 128), bool)
+    rows[1, 180 - 128:] = False  # queries beyond row 1's filled cache are padding
+    assert_same_values_and_grads("splash", kwargs, rows, shapes=dict(lq=128, lk=256, dh=32), interpret=True,
+                                 block_q=128, block_k=128)
+
+
+def test_pallas_gpu_interpret_bidirectional_segments():
+    """The Pallas GPU kernel without the causal mask (vision tower: images as segments), values and gradients."""
+    seg = np.zeros((B, 64), np.int32)
+    seg[:, 20:] = 1
+    seg[1, 50:] = 2
+    assert_same_values_and_grads("pallas_gpu", dict(causal=False, q_segment_ids=seg), np.ones((B, 64), bool),
+                                 shapes=dict(lq=64, lk=64), interpret=True, block_q=32, block_k=32)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from medee_jax.models import attention as attn
+from medee_jax.models import attention_kernels
 from medee_jax.models.attention import AttentionFeatures, attention, choose_implementation, dense_mask
 from medee_jax.models.decoder import text_attention_mask
 from medee_jax.models.layers import dot_product_attention
@@ -212,8 +213,8 @@ def test_cudnn_argument_mapping_on_xla():
     q, k, v = qkv()
 
     def via_jax_nn(q, k, v):
-        return attn._jax_nn_attention(q, k, v, causal=True, kv_lengths=kwargs["kv_lengths"], scale=DH**-0.5,
-                                      backend="xla")
+        return attention_kernels.jax_nn_attention(q, k, v, causal=True, kv_lengths=kwargs["kv_lengths"],
+                                                  scale=DH**-0.5, backend="xla")
 
     ref = attention(q, k, v, implementation="reference", **kwargs)
     assert_close_on_rows(via_jax_nn(q, k, v), ref, rows)

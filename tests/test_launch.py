@@ -64,7 +64,8 @@ def test_create_and_delete_commands():
         ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod1", "--accelerator-type=v6e-16", "--version=custom-rt",
          "--spot", "--zone=us-east5-a"]]
     assert pod("--name", "other", "--zone", "europe-west4-b", "delete") == [
-        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "other", "--quiet", "--zone=europe-west4-b", "--project=proj"]]
+        ["gcloud", "compute", "tpus", "tpu-vm", "delete", "other", "--quiet", "--zone=europe-west4-b",
+         "--project=proj"]]
 
 
 def test_setup_copies_head_and_installs_on_every_worker():
@@ -206,7 +207,8 @@ def test_slurm_dry_run_prints_environment_and_srun(tmp_path):
         lines = [shlex.split(line) for line in result.stdout.splitlines()]
         assert lines[:4] == [["export", "JAX_COORDINATOR_ADDRESS=gpu-a01:12355"], ["export", "JAX_NUM_PROCESSES=2"],
                              ["export", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95"],
-                             ["export", "XLA_FLAGS=--xla_dump_to=/tmp/x --xla_gpu_enable_latency_hiding_scheduler=true"]]
+                             ["export", "XLA_FLAGS=--xla_dump_to=/tmp/x"
+                                        " --xla_gpu_enable_latency_hiding_scheduler=true"]]
         assert lines[4] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c",
                             'export JAX_PROCESS_ID=$SLURM_PROCID; exec "$@"', "task", "python", "-m", "medee_jax.train",
                             "--config", "configs/dpo.py:qwen2_5_vl_7b", "--workdir", "/shared/run",
@@ -271,6 +273,7 @@ def test_device_check_smoke_on_cpu():
     attention = {r["impl"]: r for r in records if r["section"] == "attention" and "impl" in r}
     assert set(attention) == {"reference", "blockwise"}
     assert attention["reference"]["max_abs_diff_out"] == 0.0
-    assert attention["blockwise"]["max_abs_diff_out"] < 0.05 and max(attention["blockwise"]["max_abs_diff_grads"]) < 0.05
+    blockwise = attention["blockwise"]
+    assert blockwise["max_abs_diff_out"] < 0.05 and max(blockwise["max_abs_diff_grads"]) < 0.05
     (step,) = [r for r in records if r["section"] == "dpo_step" and "remat" in r]
     assert abs(step["loss"] - math.log(2)) < 1e-3 and step["grad_norm"] > 0 and step["median_step_s"] > 0

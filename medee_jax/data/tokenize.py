@@ -112,8 +112,9 @@ def load_chat_tokenizer(
     if not tokenizer.chat_template:
         chat_template = _read_processor_chat_template(checkpoint_dir)
         if chat_template is None:
-            raise ChatTemplateError(f"{checkpoint_dir} has no chat template (tokenizer_config.json, "
-                                    "chat_template.jinja or chat_template.json)")
+            raise ChatTemplateError(f"{checkpoint_dir} has no chat template: add the checkpoint's chat_template.jinja "
+                                    f"to {checkpoint_dir} (or a 'chat_template' in its tokenizer_config.json or "
+                                    "chat_template.json)")
     if merge_size is None:
         merge_size = 2
         preprocessor = os.path.join(checkpoint_dir, "preprocessor_config.json")

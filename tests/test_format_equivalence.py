@@ -1,7 +1,7 @@
 """The same data in every format gives the same batches through the real pipeline (tokens, masks, pixels).
 
-TRL plain-string contents + images ≡ TRL image parts ≡ TRL implicit prompt ≡ LLaMA-Factory sharegpt ≡ alpaca ≡ a
-dataset_info.json entry with its own column names, for SFT and DPO, with and without images.
+TRL plain-string contents + images ≡ TRL image parts ≡ TRL implicit prompt ≡ LLaMA-Factory sharegpt ≡ alpaca
+≡ a dataset_info.json entry with its own column names, for SFT and DPO, with and without images.
 """
 
 import json

@@ -18,8 +18,9 @@ def parse(record, **kwargs):
 
 
 def test_alpaca_sft_with_history_system_and_images():
-    record = {"instruction": "<image>Describe the film.", "input": "Adult, cough.", "output": "Right lower lobe opacity.",
-              "system": "You are a radiologist.", "history": [["Hello", "Hi."]], "images": ["a.png"]}
+    record = {"instruction": "<image>Describe the film.", "input": "Adult, cough.",
+              "output": "Right lower lobe opacity.", "system": "You are a radiologist.", "history": [["Hello", "Hi."]],
+              "images": ["a.png"]}
     conv = parse(record)
     assert conv.messages == (
         Message("system", "You are a radiologist."), Message("user", "Hello"), Message("assistant", "Hi."),

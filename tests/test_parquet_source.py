@@ -129,6 +129,19 @@ def test_missing_column_fails_before_reading(tmp_path, demo_tokenizer_dir, model
         open_dataset([tmp_path / "x.parquet"], mode="sft")
 
 
+def test_unreadable_or_mismatched_files_are_named(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 but not really")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable Parquet file"):
+        ParquetSource([tmp_path / "bad.parquet"])
+    write_pairs_parquet(tmp_path / "a.parquet", 2)
+    write_pairs_parquet(tmp_path / "b.parquet", 2, drop=["images"])
+    with pytest.raises(ValueError, match="b.parquet: its columns"):
+        ParquetSource([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    (tmp_path / "x.arrow").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="x.arrow: not a readable Arrow file"):
+        ArrowSource(tmp_path / "x.arrow")
+
+
 def test_folder_of_several_splits_is_refused(tmp_path):
     for name in ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet"):
         write_pairs_parquet(tmp_path / name, 2)

@@ -113,8 +113,8 @@ def read_records(
     """Yields the records of a .jsonl (one object per line) or .json (an array, or JSON lines) file.
 
     kind: "sft" → `Conversation`s, "preference" → `PreferencePair`s, "auto" → decided per record by whether it
-    has `chosen`/`rejected`. record_format: see `parse_record`. Bad records raise `BadRecordError`, or with on_bad_record="skip" are counted into
-    `counter` (and logged, with a summary for the file at the end).
+    has `chosen`/`rejected`. record_format: see `parse_record`. Bad records raise `BadRecordError`, or with
+    on_bad_record="skip" are counted into `counter` (and logged, with a summary for the file at the end).
     """
     errors.check_on_bad_record(on_bad_record)
     path = os.fspath(path)

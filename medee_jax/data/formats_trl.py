@@ -1,11 +1,12 @@
 """TRL's dataset types (SFT and DPO, TRL 1.16), read the way TRL reads them, normalised to our records.
 
-| TRL type                     | keys                          | becomes                                            |
-|------------------------------|-------------------------------|----------------------------------------------------|
-| language modeling            | `messages` / `text`           | `Conversation` (every assistant turn a target) / plain text, all a target |
-| prompt-completion            | `prompt`, `completion`        | `Conversation` whose targets are the completion's turns (`target_from`) |
-| preference, explicit prompt  | `prompt`, `chosen`, `rejected`| `PreferencePair`                                   |
-| preference, implicit prompt  | `chosen`, `rejected`          | split at their longest common prefix (TRL `extract_prompt`), then as above |
+- language modeling, `messages` / `text`: a `Conversation` (every assistant turn a target) / plain text, all of
+  it a target;
+- prompt-completion, `prompt` + `completion`: a `Conversation` whose targets are the completion's turns
+  (`target_from`);
+- preference with an explicit prompt, `prompt` + `chosen` + `rejected`: a `PreferencePair`;
+- preference with an implicit prompt, `chosen` + `rejected`: split at their longest common prefix (TRL's
+  `extract_prompt`), then as above.
 
 Conversational values are lists of `{"role", "content"}` messages; standard values are strings. Standard records
 are `plain`: TRL tokenizes them as they are, without the chat template, and appends the tokenizer's EOS to the

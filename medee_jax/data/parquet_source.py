@@ -90,29 +90,38 @@ def _check_index(i, n: int, what: str) -> int:
     return i % n
 
 
+def _index_files(paths, blocks, kind: str):
+    """(absolute paths, column names, _RowIndex) of files whose `blocks(path)` gives (rows per block, columns).
+    Raises ValueError for an unreadable file or files whose columns differ."""
+    pa = _pyarrow()
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    if not paths:
+        raise ValueError(f"a {kind} source needs at least one file")
+    counts, schema = [], None
+    for path in paths:
+        try:
+            file_counts, names = blocks(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path}: not a readable {kind} file ({e})") from None
+        counts.append(file_counts)
+        if schema is None:
+            schema = list(names)
+        elif list(names) != schema:
+            raise ValueError(f"{path}: its columns {list(names)} differ from {paths[0]}'s {schema}")
+    return paths, schema, _RowIndex(counts)
+
+
 class ParquetSource:
     """Random access to the rows of one or more Parquet files (in order: file 0's rows, then file 1's, ...)."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, cache_row_groups: int = 2):
-        pa = _pyarrow()
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        self.paths = [os.path.abspath(os.fspath(p)) for p in paths]
-        if not self.paths:
-            raise ValueError("ParquetSource needs at least one file")
-        counts, schema = [], None
-        for path in self.paths:
-            try:
-                meta = pa.parquet.ParquetFile(path).metadata
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-            counts.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-            names = meta.schema.to_arrow_schema().names
-            if schema is None:
-                schema = names
-            elif names != schema:
-                raise ValueError(f"{path}: its columns {names} differ from {self.paths[0]}'s {schema}")
-        self.column_names = list(schema)
-        self._index = _RowIndex(counts)
+        def blocks(path):
+            meta = _pyarrow().parquet.ParquetFile(path).metadata
+            rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            return rows, meta.schema.to_arrow_schema().names
+
+        self.paths, self.column_names, self._index = _index_files(paths, blocks, "Parquet")
         self._cache_size = max(1, int(cache_row_groups))
         self._state = _PerProcess()
 
@@ -167,24 +176,11 @@ class ArrowSource:
     """Random access to the rows of Arrow IPC files (`datasets.save_to_disk` shards), memory-mapped."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
-        pa = _pyarrow()
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        self.paths = [os.path.abspath(os.fspath(p)) for p in paths]
-        if not self.paths:
-            raise ValueError("ArrowSource needs at least one file")
-        counts, schema = [], None
-        for path in self.paths:
-            try:
-                batches, file_schema = _read_arrow_batches(path)
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{path}: not a readable Arrow file ({e})") from None
-            counts.append([b.num_rows for b in batches])
-            if schema is None:
-                schema = file_schema.names
-            elif file_schema.names != schema:
-                raise ValueError(f"{path}: its columns {file_schema.names} differ from {self.paths[0]}'s {schema}")
-        self.column_names = list(schema)
-        self._index = _RowIndex(counts)
+        def blocks(path):
+            batches, schema = _read_arrow_batches(path)
+            return [b.num_rows for b in batches], schema.names
+
+        self.paths, self.column_names, self._index = _index_files(paths, blocks, "Arrow")
         self._state = _PerProcess()
 
     def __len__(self) -> int:

@@ -1,12 +1,14 @@
 """Which dataset format a record is in, and the dispatch to its reader (data.format).
 
-| data.format  | reader                                   | records                                           |
-|--------------|------------------------------------------|---------------------------------------------------|
-| "sharegpt"   | `formats.parse_record`                   | LLaMA-Factory sharegpt, OpenAI-style `messages`, `<image>` placeholders |
-| "alpaca"     | `formats_alpaca.alpaca_to_sharegpt`      | LLaMA-Factory alpaca (`instruction`, `input`, `output`, `system`, `history`; `chosen`/`rejected`) |
-| "trl"        | `formats_trl.parse_trl`                  | every TRL SFT/DPO dataset type, TRL's image placement |
-| "auto"       | decided per record from its keys         | `conversations` → sharegpt; alpaca keys without `messages`/`prompt`/`text` → alpaca; anything else → TRL rules, where a text that already holds `<image>` placeholders is taken as written |
-| a `RecordFormat` | `dataset_info.to_sharegpt`           | a LLaMA-Factory dataset_info.json entry: its `formatting`, `columns`, `tags`, `ranking` |
+- "sharegpt": `formats.parse_record`: LLaMA-Factory sharegpt, OpenAI-style `messages`, `<image>` placeholders.
+- "alpaca": `formats_alpaca.alpaca_to_sharegpt`: LLaMA-Factory alpaca (`instruction`, `input`, `output`,
+  `system`, `history`; `chosen`/`rejected`).
+- "trl": `formats_trl.parse_trl`: every TRL SFT/DPO dataset type, with TRL's image placement.
+- "auto": per record from its keys: `conversations` -> sharegpt; alpaca keys without `messages`/`prompt`/`text`
+  -> alpaca; anything else -> the TRL rules, where a text that already holds `<image>` placeholders is taken as
+  written.
+- a `RecordFormat`: `dataset_info.to_sharegpt`: a LLaMA-Factory dataset_info.json entry (its `formatting`,
+  `columns`, `tags`, `ranking`).
 
 Every reader ends in the same record checks (`formats._Parser`), so errors read `file:row: bad record (reason): ...`
 and count under the same reasons whatever the format.

@@ -153,3 +153,17 @@ def test_data_paths_in_validation_and_the_label_smoothing_note(tmp_path):
     assert "cDPO" in label_smoothing_note(c) and "TRL 1.16 ignores" in label_smoothing_note(c)
     c.dpo.loss_type = "robust"
     assert label_smoothing_note(c) is None
+
+
+def test_a_tokenizer_without_chat_template_names_the_file_to_add(tmp_path, demo_tokenizer_dir):
+    from medee_jax.data.tokenize import ChatTemplateError, load_chat_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(demo_tokenizer_dir, folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ChatTemplateError, match=f"add the checkpoint's chat_template.jinja to {folder}"):
+        load_chat_tokenizer(folder)

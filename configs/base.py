@@ -37,10 +37,15 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.num_epochs = 1
     c.data.shuffle = True
-    c.data.min_pixels = 3136
-    c.data.max_pixels = 12845056
+    c.data.min_pixels = 0  # Qwen2-VL resize bounds; 0 = the checkpoint's preprocessor_config.json (logged at start)
+    c.data.max_pixels = 0
     c.data.image_max_pixels = 0  # > 0: pre-resize larger images (LLaMA-Factory style) before the processor
     c.data.on_bad_record = "raise"  # raise | skip
+    # Dataset format and the checkpoint's image processor. data.train / data.eval may also be a Parquet file, a
+    # folder of shards, a datasets.save_to_disk folder, a glob, or path/dataset_info.json:entry (LLaMA-Factory).
+    c.data.format = "auto"  # auto | sharegpt | alpaca | trl: how records are read (auto: from their keys)
+    c.data.min_tiles = 0  # InternVL tiles per image; 0 = the checkpoint's processor (min_patches / max_patches)
+    c.data.max_tiles = 0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-5
@@ -79,6 +84,8 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.dpo = ml_collections.ConfigDict()
     c.dpo.loss_type = "sigmoid"
     c.dpo.beta = 0.1
+    # With loss_type "sigmoid", label_smoothing > 0 is conservative DPO (cDPO), as in LLaMA-Factory; TRL 1.16
+    # ignores label_smoothing for that loss, so a TRL run with it set trains plain DPO.
     c.dpo.label_smoothing = 0.0
     c.dpo.sft_weight = 0.0
     c.dpo.reference = "frozen"  # frozen | precomputed | none

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from medee_jax.data import errors
+from medee_jax.data.embedded_images import EmbeddedImage, image_reference
 from medee_jax.data.errors import BadRecordCounter, BadRecordError, OnBadRecord
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -59,11 +60,17 @@ class Message:
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    """An SFT example: every assistant turn is a training target."""
+    """An SFT example: every assistant turn from message `target_from` on is a training target.
+
+    plain: TRL's standard (non-conversational) form: the texts are joined as they are, without the chat template,
+    and the tokenizer's EOS ends the target (`medee_jax.data.tokenize_plain`).
+    """
 
     messages: tuple[Message, ...]
-    images: tuple[str, ...]  # resolved paths, in placeholder order
+    images: tuple[str | EmbeddedImage, ...]  # resolved paths (or embedded images), in placeholder order
     source: RecordRef
+    target_from: int = 0  # TRL prompt-completion: the prompt's own assistant turns are context, not targets
+    plain: bool = False
 
     @property
     def num_images(self) -> int:
@@ -77,8 +84,9 @@ class PreferencePair:
     prompt: tuple[Message, ...]
     chosen: str
     rejected: str
-    images: tuple[str, ...]  # the prompt's images, resolved paths in placeholder order
+    images: tuple[str | EmbeddedImage, ...]  # the prompt's images, resolved paths in placeholder order
     source: RecordRef
+    plain: bool = False  # TRL's standard form: prompt + answer as plain text (see Conversation)
 
     @property
     def num_images(self) -> int:
@@ -100,12 +108,13 @@ def read_records(
     check_images: bool = True,
     on_bad_record: OnBadRecord = "raise",
     counter: BadRecordCounter | None = None,
+    record_format="auto",
 ) -> Iterator[Record]:
     """Yields the records of a .jsonl (one object per line) or .json (an array, or JSON lines) file.
 
     kind: "sft" → `Conversation`s, "preference" → `PreferencePair`s, "auto" → decided per record by whether it
-    has `chosen`/`rejected`. Bad records raise `BadRecordError`, or with on_bad_record="skip" are counted into
-    `counter` (and logged, with a summary for the file at the end).
+    has `chosen`/`rejected`. record_format: see `parse_record`. Bad records raise `BadRecordError`, or with
+    on_bad_record="skip" are counted into `counter` (and logged, with a summary for the file at the end).
     """
     errors.check_on_bad_record(on_bad_record)
     path = os.fspath(path)
@@ -123,6 +132,7 @@ def read_records(
                     base_dir=base_dir,
                     media_root=media_root,
                     check_images=check_images,
+                    record_format=record_format,
                 )
             except BadRecordError as error:
                 errors.handle_bad_record(error, on_bad_record, file_counter)
@@ -253,12 +263,22 @@ def parse_record(
     base_dir: str | os.PathLike | None = None,
     media_root: str | os.PathLike | None = None,
     check_images: bool = True,
+    record_format="auto",
 ) -> Record:
     """Normalizes one parsed JSON object. Image paths resolve against media_root, else base_dir (default: the
-    folder of source.file). Raises BadRecordError."""
+    folder of source.file). Raises BadRecordError.
+
+    record_format: "auto" (decided per record from its keys), "sharegpt", "alpaca", "trl", or a
+    `record_formats.RecordFormat` (a LLaMA-Factory dataset_info.json entry); see `medee_jax.data.record_formats`.
+    """
     p = _Parser(source)
     if not isinstance(record, dict):
         p.fail(errors.MALFORMED_JSON, f"expected a JSON object, got {type(record).__name__}")
+    if record_format != "sharegpt":
+        from medee_jax.data.record_formats import parse_formatted
+
+        return parse_formatted(record, source, record_format, kind=kind, base_dir=base_dir, media_root=media_root,
+                               check_images=check_images)
     is_preference = "chosen" in record or "rejected" in record
     if kind == "auto":
         kind = "preference" if is_preference else "sft"
@@ -452,26 +472,31 @@ class _Parser:
                 f"{count} {IMAGE_PLACEHOLDER} placeholder(s) in the text but {len(images)} image(s) in 'images'",
             )
 
-    def check_images_exist(self, images: list[str]) -> None:
+    def check_images_exist(self, images: list[str | EmbeddedImage]) -> None:
         for i, path in enumerate(images):
-            if not os.path.isfile(path):
+            if not isinstance(path, EmbeddedImage) and not os.path.isfile(path):
                 self.fail(errors.MISSING_IMAGE, f"image {i} not found: {path}", image=path)
 
-    def images(self, record: dict, *, base_dir, media_root) -> list[str]:
+    def images(self, record: dict, *, base_dir, media_root) -> list[str | EmbeddedImage]:
         if "videos" in record and record["videos"]:
             self.fail(errors.BAD_FIELD, "videos are not supported")
         value = record.get("images")
         if value is None:
             return []
-        if isinstance(value, str):
+        if isinstance(value, (str, dict)):
             value = [value]
         if not isinstance(value, list):
             self.fail(errors.BAD_FIELD, f"'images' must be a list of paths, got {type(value).__name__}")
         root = os.fspath(media_root) if media_root is not None else os.fspath(base_dir)
         resolved = []
         for i, item in enumerate(value):
-            if isinstance(item, dict) and isinstance(item.get("path"), str):
-                item = item["path"]
+            if isinstance(item, dict):  # a `datasets.Image` struct: embedded bytes, or a path
+                item = image_reference(item, f"{self.source} image {i}")
+                if item is None:
+                    self.fail(errors.MISSING_IMAGE, f"image {i} has neither bytes nor a path")
+                if isinstance(item, EmbeddedImage):
+                    resolved.append(item)
+                    continue
             item = self.text(item, f"'images' entry {i}")
             if "://" in item:
                 self.fail(

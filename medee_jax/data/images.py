@@ -20,6 +20,7 @@ cast to float32 -> (x - mean) / std in float32.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medee_jax.data import errors
+from medee_jax.data.embedded_images import EmbeddedImage
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,7 +47,7 @@ MAX_ASPECT_RATIO = 200.0
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 1280
 
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, EmbeddedImage]
 
 
 class ImageError(errors.BadRecordError):
@@ -63,7 +65,7 @@ class ImageError(errors.BadRecordError):
 
 
 def load_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | EmbeddedImage,
     *,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
@@ -76,18 +78,20 @@ def load_image(
     (long side / short side > `max_aspect_ratio`, which Qwen2-VL's resize rejects).
 
     Truncation is detected only while Pillow's global `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
+    An `EmbeddedImage` (image bytes from a Parquet/Arrow dataset) gets the same checks; messages use its name.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
+    embedded = path if isinstance(path, EmbeddedImage) else None
+    path = embedded.name if embedded is not None else os.fspath(path)
+    if embedded is None and not os.path.exists(path):
         raise ImageError(path, errors.MISSING_IMAGE, f"image file not found: {path}")
-    if not os.path.isfile(path):
+    if embedded is None and not os.path.isfile(path):
         raise ImageError(path, errors.MISSING_IMAGE, f"image path is not a file: {path}")
     try:
-        if os.path.getsize(path) == 0:
+        if (len(embedded.data) if embedded is not None else os.path.getsize(path)) == 0:
             raise ImageError(path, errors.EMPTY_IMAGE, f"image file is empty (0 bytes): {path}")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(embedded.data) if embedded is not None else path) as opened:
                 _check_size(path, opened.size, max_pixels, max_aspect_ratio)
                 opened.load()
                 image = to_rgb(ImageOps.exif_transpose(opened))
@@ -97,7 +101,7 @@ def load_image(
         detail = f"image too large, refused as a decompression bomb: {path} ({e})"
         raise ImageError(path, errors.DECOMPRESSION_BOMB, detail) from e
     except UnidentifiedImageError as e:
-        if _png_header_has_zero_size(path):
+        if _png_header_has_zero_size(embedded.data if embedded is not None else path):
             raise ImageError(path, errors.EMPTY_IMAGE, f"image has zero width or height: {path}") from e
         raise ImageError(path, errors.CORRUPT_IMAGE, f"not a readable image file: {path}") from e
     except PermissionError as e:
@@ -128,10 +132,13 @@ def _check_size(path, size: tuple[int, int], max_pixels: int, max_aspect_ratio: 
         )
 
 
-def _png_header_has_zero_size(path: str) -> bool:
+def _png_header_has_zero_size(path: str | bytes) -> bool:
     """Pillow refuses a PNG whose header says 0 x N without saying why; tell that case apart from corruption."""
-    with open(path, "rb") as f:
-        head = f.read(24)
+    if isinstance(path, bytes):
+        head = path[:24]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(24)
     if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
         return False
     width = int.from_bytes(head[16:20], "big")
@@ -152,7 +159,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _as_rgb_image(image: ImageLike) -> Image.Image:
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, EmbeddedImage)):
         return load_image(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -166,7 +173,7 @@ def _as_rgb_image(image: ImageLike) -> Image.Image:
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
-    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, EmbeddedImage)):
         return [images]
     return list(images)
 

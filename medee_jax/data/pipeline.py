@@ -1,6 +1,6 @@
 """The Grain input pipeline: files → records → images → tokens → packed, bucketed device batches.
 
-    source (JSONL / JSON array / ArrayRecord, `sources.open_source`)
+    source (JSONL / JSON array / ArrayRecord / Parquet / Arrow, `dataset_files.open_dataset`)
       → shuffle(seed)            global, reshuffled every epoch
       → [shard_index::shard_count]  this host's share of every epoch (disjoint across hosts, covering the data)
       → repeat(num_epochs)
@@ -43,7 +43,8 @@ from medee_jax.data.batching import BatchSpec
 from medee_jax.data.errors import BadRecordCounter, BadRecordError
 from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, load_image, normalize_patches, prescale_image,
                                    qwen2_vl_patches)
-from medee_jax.data.sources import RawRecord, open_source
+from medee_jax.data.dataset_files import open_dataset
+from medee_jax.data.sources import RawRecord
 
 # Reason code for an example whose images alone exceed the largest patch bucket (not in errors.py's list).
 TOO_MANY_PATCHES = "too_many_image_patches"
@@ -59,7 +60,9 @@ MIN_SHM_BYTES = 768 << 10
 class DataConfig:
     """Everything the input pipeline needs besides the model's vision settings.
 
-    paths: data files (.jsonl, .json array, .array_record); one string or several.
+    paths: data files (.jsonl, .json array, .array_record, .parquet, .arrow), folders, globs or
+      "dataset_info.json:entry" (`medee_jax.data.dataset_files`); one string or several.
+    format: how records are read: "auto" | "sharegpt" | "alpaca" | "trl" (`medee_jax.data.record_formats`).
     tokenizer_dir: checkpoint (or tokenizer) directory with the tokenizer and chat template.
     mode: "sft" (Conversation records, assistant turns are targets) or "dpo" (preference pairs).
     batch_size: rows per SFT batch; pairs per DPO batch (2 × batch_size rows).
@@ -105,6 +108,7 @@ class DataConfig:
     media_root: str | None = None
     index_cache: bool = False
     share_prompt: bool = False
+    format: str = "auto"
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -186,9 +190,10 @@ class Dropped:
 class ParseRecord(grain.transforms.Map):
     """RawRecord → {"record": Conversation | PreferencePair, "source": "file:line"}."""
 
-    def __init__(self, mode: str, media_root: str | None = None):
+    def __init__(self, mode: str, media_root: str | None = None, record_format="auto"):
         self.kind = "sft" if mode == "sft" else "preference"
         self.media_root = media_root
+        self.record_format = record_format  # a data.format name or a dataset_info.json entry's RecordFormat
 
     def map(self, raw: RawRecord):
         ref = formats.RecordRef(raw.file, raw.line)
@@ -201,7 +206,8 @@ class ParseRecord(grain.transforms.Map):
                 if not obj.strip():
                     return Dropped(None)
                 obj = _decode_json(obj, ref)
-            record = formats.parse_record(obj, ref, kind=self.kind, media_root=self.media_root)
+            record = formats.parse_record(obj, ref, kind=self.kind, media_root=self.media_root,
+                                          record_format=self.record_format)
             out = {"record": record, "source": str(ref)}
             if self.kind == "preference":
                 ref_logps = _reference_logps(obj, ref)
@@ -459,7 +465,8 @@ def _vision_and_image_token(model_config, image_token_id: int | None):
 
 def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
     """The per-example part of the pipeline (shuffled, sharded, repeated, parsed, with images and tokens)."""
-    source = open_source(config.paths, index_cache=config.index_cache)
+    source, record_format = open_dataset(config.paths, config.format, mode=config.mode,
+                                         index_cache=config.index_cache)
     ds = grain.MapDataset.source(source)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
@@ -474,7 +481,7 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
-    ds = ds.map(ParseRecord(config.mode, config.media_root))
+    ds = ds.map(ParseRecord(config.mode, config.media_root, record_format))
     ds = ds.map(LoadImages(
         min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,

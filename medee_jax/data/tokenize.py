@@ -112,8 +112,9 @@ def load_chat_tokenizer(
     if not tokenizer.chat_template:
         chat_template = _read_processor_chat_template(checkpoint_dir)
         if chat_template is None:
-            raise ChatTemplateError(f"{checkpoint_dir} has no chat template (tokenizer_config.json, "
-                                    "chat_template.jinja or chat_template.json)")
+            raise ChatTemplateError(f"{checkpoint_dir} has no chat template: add the checkpoint's chat_template.jinja "
+                                    f"to {checkpoint_dir} (or a 'chat_template' in its tokenizer_config.json or "
+                                    "chat_template.json)")
     if merge_size is None:
         merge_size = 2
         preprocessor = os.path.join(checkpoint_dir, "preprocessor_config.json")
@@ -305,7 +306,7 @@ def _split_rendered(record, tok: ChatTokenizer, messages: list[dict]) -> list[tu
     pieces: list[tuple[str, bool]] = []
     pos = 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < getattr(record, "target_from", 0):
             continue
         before = tok.render(messages[:i], add_generation_prompt=True)
         through = tok.render(messages[: i + 1], add_generation_prompt=False)
@@ -323,6 +324,10 @@ def _split_rendered(record, tok: ChatTokenizer, messages: list[dict]) -> list[tu
 
 
 def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_length):
+    if conv.plain:  # TRL's standard form: no chat template
+        from medee_jax.data.tokenize_plain import tokenize_plain_conversation
+
+        return tokenize_plain_conversation(conv, tok, max_length)
     _check_text(conv, tok, conv.messages)
     counts = _token_counts(conv, tok, image_grid_thw, num_image_tokens)
     messages = [_template_message(m) for m in conv.messages]
@@ -362,6 +367,10 @@ def _expand_mask(ids: np.ndarray, mask: np.ndarray, tok: ChatTokenizer, counts: 
 
 
 def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
+    if pair.plain:  # TRL's standard form: no chat template
+        from medee_jax.data.tokenize_plain import plain_pair_pieces
+
+        return _finish_pair(pair, *plain_pair_pieces(pair, tok), max_length)
     _check_text(pair, tok, [*pair.prompt, Message("assistant", pair.chosen), Message("assistant", pair.rejected)])
     counts = _token_counts(pair, tok, image_grid_thw, num_image_tokens)
     prompt = [_template_message(m) for m in pair.prompt]
@@ -381,6 +390,11 @@ def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
     rejected_arr = np.asarray(rejected_ids, dtype=np.int32)
     if tok.image_token_id in chosen_arr or tok.image_token_id in rejected_arr:
         _fail(pair, errors.IMAGE_IN_RESPONSE, "an answer renders an image token")
+    return _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length)
+
+
+def _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length):
+    """The pair's output arrays from its prompt and completion ids, completions cut to fit max_length."""
     if max_length is not None:
         budget = max_length - len(prompt_arr)
         if budget < 1:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from ..data import pipeline
+from ..data.processor_config import resolve_image_bounds
 from ..models.vision_layout import vision_layout
 from .mesh import local_data_shards, stack_shards, to_global
 
@@ -134,12 +135,18 @@ class BatchSource:
         if num_epochs == "default":
             num_epochs = None if split == "train" else 1
         d = config.data
+        # Image sizes: data.* values > 0, else the checkpoint's own image processor (preprocessor_config.json).
+        self.image_bounds = resolve_image_bounds((config.model.checkpoint, data.tokenizer_dir), d.min_pixels,
+                                                 d.max_pixels, d.get("min_tiles", 0), d.get("max_tiles", 0))
+        if split == "train":
+            log.info("%s", self.image_bounds.description)
         self.data_config = pipeline.DataConfig(
             paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
             max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
             packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
             shuffle=shuffle, num_epochs=num_epochs,
-            num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+            num_workers=d.num_workers, min_pixels=self.image_bounds.min_pixels,
+            max_pixels=self.image_bounds.max_pixels, format=d.get("format", "auto"),
             image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
             media_root=data.media_root or None,
             share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))

@@ -74,6 +74,14 @@ def _step_options(config) -> steps.StepOptions:
         vocab_chunk=config.train.vocab_chunk, seq_chunk=config.train.seq_chunk)
 
 
+def label_smoothing_note(config) -> str | None:
+    """The line logged when a DPO run's label_smoothing means cDPO here but is ignored by TRL (README, DPO)."""
+    if config.mode == "dpo" and config.dpo.loss_type == "sigmoid" and config.dpo.label_smoothing > 0:
+        return (f"dpo.label_smoothing={config.dpo.label_smoothing:g} with the sigmoid loss: conservative DPO (cDPO), "
+                "as LLaMA-Factory applies it; TRL 1.16 ignores label_smoothing for this loss")
+    return None
+
+
 def _global_norms(micro_batches: list[dict], mode: str) -> dict:
     """Returns the optimizer step's global normalisers (summed over micro-batches and processes)."""
     if mode == "sft":
@@ -114,6 +122,8 @@ class Trainer:
             with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
                 json.dump(self.model.config.to_hf_dict(), f, indent=2)
         self.opts = _step_options(config)
+        if label_smoothing_note(config):
+            log.info("%s", label_smoothing_note(config))
         filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
         self.params = params.to_pure_dict()

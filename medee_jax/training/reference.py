@@ -113,6 +113,8 @@ def precompute(trainer, split: str) -> str:
 
 def has_reference_logps(path: str) -> bool:
     """Returns whether the first record of a JSONL file already carries reference log-probs."""
+    if not os.path.isfile(path):  # a folder, a glob or a dataset_info.json entry: precompute() explains
+        return False
     with open(path, "rb") as f:
         for raw in f:
             if raw.strip():

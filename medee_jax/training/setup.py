@@ -14,6 +14,8 @@ import ml_collections
 from flax import nnx
 
 from .. import losses
+from ..data.dataset_info import spec_exists
+from ..data.record_formats import FORMAT_NAMES
 from ..models import config as model_config
 from ..models.layers import REMAT_POLICIES
 from ..models.qwen2_5_vl import Qwen25VL
@@ -23,7 +25,7 @@ log = logging.getLogger("medee_jax.train")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-                   "generation_config.json")
+                   "generation_config.json", "processor_config.json")
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -54,7 +56,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          "each must be a multiple of 4 (the 2x2 merge)")
     for name in ("train", "eval", "media_root", "tokenizer"):
         path = c.data[name]
-        need(not path or os.path.exists(path), f"data.{name}={path!r}: does not exist")
+        need(not path or spec_exists(path), f"data.{name}={path!r}: does not exist")
+    need(c.data.get("format", "auto") in FORMAT_NAMES, f"data.format={c.data.get('format')!r}: one of "
+         f"{', '.join(FORMAT_NAMES)}")
     need(c.optimizer.lr > 0, f"optimizer.lr={c.optimizer.lr}: must be > 0")
     need(0 <= c.optimizer.warmup_ratio < 1, f"optimizer.warmup_ratio={c.optimizer.warmup_ratio}: in [0, 1)")
     need(c.train.log_every >= 1 and c.train.checkpoint_every >= 1,

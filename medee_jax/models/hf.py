@@ -200,10 +200,13 @@ def checkpoint_files(hf_dir: str) -> list[str]:
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = dict(json.load(f)["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
+        try:
+            files = [safetensors_io.shard_path(hf_dir, name) for name in sorted(set(weight_map.values()), key=str)]
+        except ValueError as e:
+            raise CheckpointError(f"{index}: {e}") from e
         absent = [os.path.basename(p) for p in files if not os.path.isfile(p)]
         if absent:
             raise CheckpointError(f"{index}: names shard files that do not exist: {', '.join(absent)}")

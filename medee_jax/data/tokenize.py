@@ -107,7 +107,7 @@ def load_chat_tokenizer(
     import transformers
 
     checkpoint_dir = os.fspath(checkpoint_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+    tokenizer = load_hf_tokenizer(checkpoint_dir)
     chat_template = None
     if not tokenizer.chat_template:
         chat_template = _read_processor_chat_template(checkpoint_dir)
@@ -128,6 +128,27 @@ def load_chat_tokenizer(
         image_suffix=tuple(image_suffix),
         merge_size=merge_size,
     )
+
+
+def load_hf_tokenizer(checkpoint_dir: str | os.PathLike):
+    """Returns the transformers tokenizer of a local folder, never running code the folder ships.
+
+    ``trust_remote_code=False`` (and no network): a folder whose tokenizer_config.json maps the tokenizer to its
+    own Python file is refused with a ValueError instead of transformers asking on the terminal whether to run it.
+    """
+    import transformers
+
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True,
+                                                          trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            raise
+        raise ValueError(f"{checkpoint_dir}: the tokenizer needs Python code shipped in the folder "
+                         "(tokenizer_config.json 'auto_map'); medee_jax never runs checkpoint code "
+                         "(trust_remote_code=False). Use a tokenizer that transformers provides (e.g. the base "
+                         "model's tokenizer.json and tokenizer_config.json without 'auto_map').") from None
 
 
 def _read_processor_chat_template(checkpoint_dir: str) -> str | None:

@@ -127,9 +127,9 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
 
 def embedded_model_config(tokenizer_dir: str) -> model_config.Qwen25VLConfig:
     """Returns the tiny Qwen2.5-VL-shaped config matching the demo tokenizer's vocabulary and special ids."""
-    from transformers import AutoTokenizer
+    from ..data.tokenize import load_hf_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_hf_tokenizer(tokenizer_dir)
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}

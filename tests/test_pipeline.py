@@ -422,3 +422,26 @@ def test_load_images_passes_uint8_patches_or_normalized_pixels(tmp_path):
     assert np.array_equal(floats["pixel_values"], ref_pixels) and floats["pixel_values"].dtype == np.float32
     assert np.array_equal(normalize_patches(compact["pixel_values"]), ref_pixels)
     assert compact["image_grid_thw"].tolist() == floats["image_grid_thw"].tolist() == ref_grid.tolist()
+
+
+def test_load_images_rescales_or_refuses_16_bit_images(tmp_path):
+    """The pipeline's image stage passes data.high_bit_depth on: a 16-bit greyscale scan is stretched to 8 bits
+    (not saturated), or the record is dropped with reason high_bit_depth under "refuse"."""
+    from medee_jax.data.formats import Conversation, Message, RecordRef
+    from medee_jax.data.images import load_image, qwen2_vl_patches
+    from medee_jax.data.pipeline import Dropped, LoadImages
+
+    path = tmp_path / "xray16.png"
+    Image.fromarray(np.linspace(0, 4095, 56 * 84).reshape(56, 84).astype(np.uint16)).save(path)
+    record = Conversation(messages=(Message("user", "<image>Findings?"), Message("assistant", "Clear.")),
+                          images=(str(path),), source=RecordRef(str(tmp_path / "d.jsonl"), 5))
+    kwargs = dict(min_pixels=3136, max_pixels=448 * 448, max_patches=10**6)
+    out = LoadImages(**kwargs).map({"record": record})
+    expected, _ = qwen2_vl_patches([load_image(path, high_bit_depth="min_max")], 3136, 448 * 448)
+    np.testing.assert_array_equal(out["pixel_values"], expected)
+    assert (out["pixel_values"] == 255).mean() < 0.01  # Pillow's convert("RGB") made 97% of these 255
+    refused = LoadImages(**kwargs, high_bit_depth="refuse").map({"record": record})
+    assert isinstance(refused, Dropped) and refused.error.reason == errors.HIGH_BIT_DEPTH
+    assert refused.error.line == 5 and str(path) in str(refused.error)
+    with pytest.raises(ValueError, match="high_bit_depth"):
+        DataConfig(paths="x.jsonl", tokenizer_dir="t", high_bit_depth="clip")

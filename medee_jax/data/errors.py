@@ -45,6 +45,7 @@ TRUNCATED_IMAGE = "truncated_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
 EMPTY_IMAGE = "empty_image"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+HIGH_BIT_DEPTH = "high_bit_depth"  # a 16-bit / float image under data.high_bit_depth="refuse"
 
 
 class BadRecordError(ValueError):

@@ -41,8 +41,8 @@ import numpy as np
 from medee_jax.data import batching, errors, formats
 from medee_jax.data.batching import BatchSpec
 from medee_jax.data.errors import BadRecordCounter, BadRecordError
-from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, load_image, normalize_patches, prescale_image,
-                                   qwen2_vl_patches)
+from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, check_high_bit_depth, load_image,
+                                   normalize_patches, prescale_image, qwen2_vl_patches)
 from medee_jax.data.sources import RawRecord, open_source
 
 # Reason code for an example whose images alone exceed the largest patch bucket (not in errors.py's list).
@@ -74,6 +74,7 @@ class DataConfig:
       read_threads / read_buffer_size: threads and buffered examples per process for the map stages.
     min_pixels / max_pixels: Qwen2-VL image resizing bounds; image_max_pixels > 0 first shrinks larger images to
       that area (LLaMA-Factory's `image_max_pixels`), keeping the aspect ratio.
+    high_bit_depth: how 16-bit / float images become 8-bit: "min_max" | "bit_depth" | "refuse" (`images.to_8bit`).
     on_bad_record: "raise" | "skip".  media_root: folder image paths are relative to (default: the data file's).
     index_cache: keep JSONL line indexes in `<file>.index.npz` sidecars.
     share_prompt: DPO only; one row per pair with the prompt once (`batching.dpo_shared_prompt_batch`).
@@ -101,6 +102,7 @@ class DataConfig:
     min_pixels: int = QWEN_MIN_PIXELS
     max_pixels: int = QWEN_MAX_PIXELS
     image_max_pixels: int = 0
+    high_bit_depth: str = "min_max"
     on_bad_record: str = "raise"
     media_root: str | None = None
     index_cache: bool = False
@@ -118,6 +120,7 @@ class DataConfig:
         if self.mode not in ("sft", "dpo"):
             raise ValueError(f"DataConfig.mode must be 'sft' or 'dpo', got {self.mode!r}")
         errors.check_on_bad_record(self.on_bad_record)
+        check_high_bit_depth(self.high_bit_depth)
         for name in ("batch_size", "max_length", "max_patches", "worker_buffer_size", "read_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -255,8 +258,10 @@ class LoadImages(grain.transforms.Map):
 
     def __init__(self, *, min_pixels: int, max_pixels: int, max_patches: int, patch_size: int = 14,
                  temporal_patch_size: int = 2, merge_size: int = 2, image_max_pixels: int = 0,
-                 normalize: bool = False):
+                 normalize: bool = False, high_bit_depth: str = "min_max"):
+        check_high_bit_depth(high_bit_depth)
         self.min_pixels, self.max_pixels, self.max_patches = min_pixels, max_pixels, max_patches
+        self.high_bit_depth = high_bit_depth
         self.image_max_pixels = image_max_pixels  # > 0: LLaMA-Factory-style area clamp before the processor
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.normalize = normalize
@@ -269,9 +274,9 @@ class LoadImages(grain.transforms.Map):
             return example
         src = record.source
         try:
-            images = list(record.images)
+            images = [load_image(path, high_bit_depth=self.high_bit_depth) for path in record.images]
             if self.image_max_pixels > 0:
-                images = [prescale_image(load_image(path), self.image_max_pixels) for path in images]
+                images = [prescale_image(image, self.image_max_pixels) for image in images]
             pixels, grid = qwen2_vl_patches(images, self.min_pixels, self.max_pixels, patch_size=self.patch_size,
                                             merge_size=self.merge_size)  # [p, 588] u8
             if self.normalize:
@@ -479,6 +484,7 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
         min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
+        high_bit_depth=config.high_bit_depth,
     ))
     ds = ds.map(Tokenize(config.tokenizer_dir, config.max_length))
     return ds

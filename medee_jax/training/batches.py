@@ -140,7 +140,7 @@ class BatchSource:
             packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
             shuffle=shuffle, num_epochs=num_epochs,
             num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-            image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
+            image_max_pixels=d.image_max_pixels, high_bit_depth=d.high_bit_depth, on_bad_record=d.on_bad_record,
             media_root=data.media_root or None,
             share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))
         self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)

@@ -299,8 +299,37 @@ def test_failed_export_leaves_nothing(ours, tmp_path, monkeypatch):
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a checkpoint directory"):
+    with pytest.raises(FileExistsError, match="was not written by medee_jax"):
         save_pretrained(ours, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_export_replaces_only_what_it_wrote(ckpts, ours, tmp_path, caplog):
+    """save_pretrained replaces its own earlier export; a README or eval files added since make it refuse unless
+    overwrite=True, which then names what it removes; the source checkpoint (or a folder holding it) never."""
+    out = tmp_path / "export"
+    save_pretrained(ours, out)
+    save_pretrained(ours, out)  # ours and unchanged
+    (out / "README.md").write_text("model card")
+    (out / "eval_results.json").write_text("{}")
+    with pytest.raises(hf.DestinationError, match="README.md") as err:
+        save_pretrained(ours, out)
+    assert "overwrite=True" in str(err.value) and (out / "README.md").exists()
+    with caplog.at_level("WARNING", logger="medee_jax.export"):
+        save_pretrained(ours, out, overwrite=True)
+    assert "removing 2 entries medee_jax did not write: README.md, eval_results.json" in caplog.text
+    assert not (out / "README.md").exists()
+    assert_same_tensors(ckpts.single, out)
+
+    transformers_dir = tmp_path / "from_transformers"  # a config.json alone no longer makes a directory ours
+    shutil.copytree(ckpts.single, transformers_dir)
+    with pytest.raises(hf.DestinationError, match="was not written by medee_jax"):
+        save_pretrained(ours, transformers_dir)
+    model = from_pretrained(transformers_dir, dtype=jnp.float32)
+    for target in (transformers_dir, tmp_path):  # the source itself, a folder holding it
+        with pytest.raises(hf.DestinationError, match="the source"):
+            save_pretrained(model, target, overwrite=True)
+    assert_same_tensors(ckpts.single, transformers_dir)
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------

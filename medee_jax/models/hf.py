@@ -15,13 +15,11 @@ Transforms (torch layout -> ours): ``linear`` transposes [out, in] -> [in, out];
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ from flax import nnx
 
 from . import safetensors_io
 from .config import Qwen25VLConfig
+from .export_dir import DestinationError, atomic_directory  # noqa: F401  (re-exported: the destination rule)
 from .sharding import sharding_for
 
 # (hf key, our path, transform). Text keys use the hub layout; the in-memory layout is normalised to it on read.
@@ -438,49 +437,13 @@ def copy_sidecar_files(source_dir: str | None, out_dir: str) -> list[str]:
     return copied
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir):
-    """Yields a not-yet-existing staging path; on success it is renamed to ``out_dir``, on failure removed.
-
-    The staging directory lies beside ``out_dir`` (same filesystem, so the rename is atomic). An existing
-    ``out_dir`` is replaced only if it is empty or holds a checkpoint (a ``config.json``); it is swapped out only
-    after the new one is complete, so a failed export never leaves a half-written directory behind.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir}: exists and is not a directory")
-        contents = os.listdir(out_dir)
-        if contents and "config.json" not in contents:
-            raise FileExistsError(f"{out_dir}: exists and is not a checkpoint directory (no config.json); "
-                                  "refusing to replace it")
-    os.makedirs(parent, exist_ok=True)
-    stage_root = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    stage = os.path.join(stage_root, name)
-    try:
-        yield stage
-        if not os.path.isdir(stage):
-            raise RuntimeError(f"{stage}: nothing was written")
-        if os.path.exists(out_dir):
-            old = os.path.join(stage_root, name + ".old")
-            os.rename(out_dir, old)
-            try:
-                os.rename(stage, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-        else:
-            os.rename(stage, out_dir)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
-
-
 def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_shard_size="5GB",
-                     source_dir: str | None = None) -> dict:
+                     source_dir: str | None = None, overwrite: bool = False, sources=()) -> dict:
     """Writes a transformers checkpoint atomically: safetensors (sharded with an index above ``max_shard_size``),
     config.json and the source's tokenizer/processor files. ``entries`` come from ``export_entries``;
     ``fetch(entry)`` returns that tensor in transformers' layout. Returns {"files": [...], "total_size": bytes}.
+    An existing ``out_dir`` is replaced only under ``export_dir``'s rule (``overwrite``; never a directory that is
+    or contains ``source_dir`` or one of ``sources``).
     """
     limit = parse_size(max_shard_size)
     shards, current, current_bytes = [], [], 0
@@ -496,7 +459,7 @@ def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_s
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     float_dtypes = [np.dtype(e[5]) for e in entries]
-    with atomic_directory(out_dir) as stage:
+    with atomic_directory(out_dir, kind="hf", overwrite=overwrite, sources=(source_dir, *sources)) as stage:
         os.makedirs(stage)
         total, weight_map = 0, {}
         for fname, shard in zip(names, shards):
@@ -515,7 +478,7 @@ def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_s
 
 
 def save_weights(model: nnx.Module, out_dir: str, *, dtype=None, max_shard_size="5GB",
-                 source_dir: str | None = None) -> dict:
+                 source_dir: str | None = None, overwrite: bool = False) -> dict:
     """Exports ``model`` to a transformers checkpoint in ``out_dir`` (see ``write_checkpoint``), one tensor at a
     time from the device arrays (``dtype``: the stored dtype, default each parameter's own)."""
     cfg = model.config
@@ -533,4 +496,5 @@ def save_weights(model: nnx.Module, out_dir: str, *, dtype=None, max_shard_size=
         host = np.asarray(value if layer is None else value[layer])
         return to_hf(host, tf, shape).astype(dt, copy=False)
 
-    return write_checkpoint(out_dir, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=source_dir)
+    return write_checkpoint(out_dir, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=source_dir,
+                            overwrite=overwrite)

@@ -176,15 +176,18 @@ def tokenize_conversation(
     max_length: int | None = None,
     on_bad_record: OnBadRecord = "raise",
     counter: BadRecordCounter | None = None,
+    report: dict | None = None,
 ) -> dict[str, np.ndarray] | None:
     """SFT: `{"input_ids": int32 [L], "target_mask": int32 [L]}` with every assistant turn a target.
 
     Give the images' `image_grid_thw` ([n_images, 3], as the image processor returns it) or their token counts
-    (`num_image_tokens`). Returns None for a skipped bad record (on_bad_record="skip").
+    (`num_image_tokens`). Returns None for a skipped bad record (on_bad_record="skip"). `report` (a dict), when
+    given, receives "truncated_tokens": the tokens cut to fit max_length (0 when nothing was cut).
     """
     errors.check_on_bad_record(on_bad_record)
     try:
-        return _tokenize_conversation(conversation, tok, image_grid_thw, num_image_tokens, max_length)
+        return _tokenize_conversation(conversation, tok, image_grid_thw, num_image_tokens, max_length,
+                                      report if report is not None else {})
     except BadRecordError as error:
         errors.handle_bad_record(error, on_bad_record, counter)
         return None
@@ -199,16 +202,19 @@ def tokenize_preference_pair(
     max_length: int | None = None,
     on_bad_record: OnBadRecord = "raise",
     counter: BadRecordCounter | None = None,
+    report: dict | None = None,
 ) -> dict[str, np.ndarray] | None:
     """DPO: `{"chosen_input_ids", "chosen_target_mask", "rejected_input_ids", "rejected_target_mask"}` (int32).
 
     Both sequences start with the same prompt tokens (images expanded once, shared); only the completion is a
     target. With max_length, each completion is cut from the right to max_length − prompt length.
-    Returns None for a skipped bad record (on_bad_record="skip").
+    Returns None for a skipped bad record (on_bad_record="skip"). `report`: as in `tokenize_conversation`
+    (chosen and rejected tokens cut, summed).
     """
     errors.check_on_bad_record(on_bad_record)
     try:
-        return _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length)
+        return _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length,
+                              report if report is not None else {})
     except BadRecordError as error:
         errors.handle_bad_record(error, on_bad_record, counter)
         return None
@@ -343,7 +349,7 @@ def _split_rendered(record, tok: ChatTokenizer, messages: list[dict]) -> list[tu
     return pieces
 
 
-def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_length):
+def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_length, report):
     _check_text(conv, tok, conv.messages)
     counts = _token_counts(conv, tok, image_grid_thw, num_image_tokens)
     messages = [_template_message(m) for m in conv.messages]
@@ -356,6 +362,7 @@ def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_leng
     target_mask = _expand_mask(np.asarray(ids), np.asarray(mask, dtype=np.int32), tok, counts)
     if not target_mask.any():
         _fail(conv, errors.EMPTY_RESPONSE, "the rendered conversation has no assistant tokens")
+    report["truncated_tokens"] = 0
     if max_length is not None and len(input_ids) > max_length:
         images_end = _image_span_end(tok, input_ids)
         first_target = int(np.argmax(target_mask))
@@ -366,6 +373,7 @@ def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_leng
                 f"needs at least {needed} tokens before any answer token fits (images included) but max_length is "
                 f"{max_length}",
             )
+        report["truncated_tokens"] = len(input_ids) - max_length
         input_ids, target_mask = input_ids[:max_length], target_mask[:max_length]
     return {"input_ids": input_ids, "target_mask": target_mask}
 
@@ -382,7 +390,7 @@ def _expand_mask(ids: np.ndarray, mask: np.ndarray, tok: ChatTokenizer, counts: 
     return np.repeat(mask, repeats).astype(np.int32)
 
 
-def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
+def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length, report):
     _check_text(pair, tok, [*pair.prompt, Message("assistant", pair.chosen), Message("assistant", pair.rejected)])
     counts = _token_counts(pair, tok, image_grid_thw, num_image_tokens)
     prompt = [_template_message(m) for m in pair.prompt]
@@ -402,6 +410,7 @@ def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
     rejected_arr = np.asarray(rejected_ids, dtype=np.int32)
     if tok.image_token_id in chosen_arr or tok.image_token_id in rejected_arr:
         _fail(pair, errors.IMAGE_IN_RESPONSE, "an answer renders an image token")
+    report["truncated_tokens"] = 0
     if max_length is not None:
         budget = max_length - len(prompt_arr)
         if budget < 1:
@@ -410,6 +419,7 @@ def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
                 f"the prompt is {len(prompt_arr)} tokens (images included) but max_length is {max_length}",
             )
         if len(chosen_arr) > budget or len(rejected_arr) > budget:
+            report["truncated_tokens"] = max(0, len(chosen_arr) - budget) + max(0, len(rejected_arr) - budget)
             chosen_arr, rejected_arr = chosen_arr[:budget], rejected_arr[:budget]
             if np.array_equal(chosen_arr, rejected_arr):
                 _fail(

@@ -396,3 +396,20 @@ def test_load_onto_8_device_mesh_in_subprocess(ckpts):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"ok": True, "q_shard": [2, 16, 32]}
+
+
+def test_error_for_a_config_with_far_too_many_layers_stays_short(ckpts, tmp_path):
+    """num_hidden_layers typed with extra zeros: the error lists the first few missing tensors and a count
+    (it used to list every one: 528 MB for 10**6 layers)."""
+    bad = tmp_path / "many_layers"
+    shutil.copytree(ckpts.single, bad)
+    config = json.loads((bad / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["num_hidden_layers"] = 20_000
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError) as err:
+        from_pretrained(bad)
+    msg = str(err.value)
+    missing = (20_000 - 2) * 12  # 12 tensors per decoder layer, 2 layers present
+    assert f"missing ({missing}): model.layers.2.input_layernorm.weight" in msg
+    assert f"... and {missing - 20} more" in msg and len(msg) < 4000

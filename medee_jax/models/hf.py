@@ -267,17 +267,24 @@ def plan_import(model: nnx.Module, hf_dir: str):
             plan[key] = (path, layer, tf)
     problems = []
     if missing:
-        problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
+        problems.append(f"missing ({len(missing)}): {_first_few(missing)}")
     if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): {', '.join(sorted(unexpected))}")
+        problems.append(f"unexpected ({len(unexpected)}): {_first_few(sorted(unexpected))}")
     if misshaped:
-        problems.append(f"wrong shape ({len(misshaped)}): {', '.join(misshaped)}")
+        problems.append(f"wrong shape ({len(misshaped)}): {_first_few(misshaped)}")
     if bad_dtype:
-        problems.append(f"unsupported dtype ({len(bad_dtype)}): {', '.join(bad_dtype)}")
+        problems.append(f"unsupported dtype ({len(bad_dtype)}): {_first_few(bad_dtype)}")
     if problems:
         raise CheckpointError(f"{hf_dir}: checkpoint does not match the {cfg.model_type} config "
                               f"(config.json) —\n  " + "\n  ".join(problems))
     return plan, infos
+
+
+def _first_few(names: list[str], limit: int = 20) -> str:
+    """Returns the first ``limit`` names joined, then "... and N more": an error stays readable (a config.json
+    with a million layers used to produce a 528 MB message)."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... and {len(names) - limit} more"
 
 
 def _is_float(name: str) -> bool:

@@ -543,3 +543,24 @@ def test_state_follows_a_moved_data_file_but_not_another_file(data, demo_tokeniz
     assert_batches_equal([resumed], [expected])
     with pytest.raises(ValueError, match="different input pipeline"):
         make_iterator(cfg.with_updates(paths=str(data / "sft.jsonl")), model_config, state=state)
+
+
+def test_deeply_nested_json_is_a_bad_record_not_a_crash(tmp_path, demo_tokenizer_dir, model_config):
+    """json.loads raises RecursionError on thousands of nested brackets; that used to abort skip mode too."""
+    from medee_jax.data.formats import read_records
+
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    good = json.dumps({"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join([good, deep, good]) + "\n")
+    cfg = DataConfig(paths=str(path), tokenizer_dir=str(demo_tokenizer_dir), mode="sft", batch_size=2,
+                     max_length=64, length_buckets=(64,), on_bad_record="skip", shuffle=False, read_threads=0,
+                     shard_index=0, shard_count=1)
+    it = make_iterator(cfg, model_config)
+    list(it)
+    assert it.stats()["skipped"] == {errors.MALFORMED_JSON: 1} and it.stats()["examples"] == 2
+    with pytest.raises(BadRecordError, match="deep.jsonl:2: bad record \\(malformed_json\\).*nested too deeply"):
+        list(make_iterator(cfg.with_updates(on_bad_record="raise"), model_config))
+    counter = errors.BadRecordCounter()
+    assert len(list(read_records(path, kind="sft", on_bad_record="skip", counter=counter))) == 2
+    assert counter.counts == {errors.MALFORMED_JSON: 1}

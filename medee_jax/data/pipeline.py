@@ -245,6 +245,9 @@ def _decode_json(data: bytes, ref: formats.RecordRef) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON, f"not valid JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON,
+                             "JSON nested too deeply to parse (thousands of levels)") from None
     if not isinstance(obj, dict):
         raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -20,6 +20,7 @@ from medee_jax.data.pipeline import DataConfig, build_dataset, example_dataset, 
 from medee_jax.data.sources import ArrayRecordSource, JsonlSource, open_source
 from medee_jax.data.tokenize import load_chat_tokenizer
 from medee_jax.models import Qwen25VL, tiny_config
+from tests.limits import alarm
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(56, 56), (84, 56), (56, 112)]  # (w, h): grids (1,4,4), (1,4,6), (1,8,4)
@@ -449,28 +450,6 @@ def test_load_images_rescales_or_refuses_16_bit_images(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # No endless reads, counted truncation, movable states
-
-
-class alarm:
-    """Fails the test (instead of hanging it) if the block runs longer than ``seconds``."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __enter__(self):
-        import signal
-
-        def fail(signum, frame):
-            raise TimeoutError(f"still running after {self.seconds} s")
-
-        self.previous = signal.signal(signal.SIGALRM, fail)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *exc):
-        import signal
-
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
 
 
 def test_an_all_bad_file_is_an_error_naming_the_counts_not_an_endless_read(tmp_path, demo_tokenizer_dir,

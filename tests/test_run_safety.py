@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.limits import alarm
 from tests.run_training import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,24 +60,6 @@ def trainer(config):
     from medee_jax.training.loop import Trainer
 
     return Trainer(config)
-
-
-class alarm:
-    """Fails the block with TimeoutError instead of hanging the suite."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-
-    def __enter__(self):
-        def fail(signum, frame):
-            raise TimeoutError(f"still running after {self.seconds} s")
-
-        self.previous = signal.signal(signal.SIGALRM, fail)
-        signal.alarm(self.seconds)
-
-    def __exit__(self, *exc):
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, self.previous)
 
 
 @pytest.fixture(scope="module")

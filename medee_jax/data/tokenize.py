@@ -103,9 +103,8 @@ def load_chat_tokenizer(
 
     The chat template comes from the tokenizer (tokenizer_config.json or chat_template.jinja), else from the
     processor's chat_template.json. merge_size defaults to preprocessor_config.json's `merge_size`, else 2.
+    Code shipped in the folder is never run (`load_hf_tokenizer`).
     """
-    import transformers
-
     checkpoint_dir = os.fspath(checkpoint_dir)
     tokenizer = load_hf_tokenizer(checkpoint_dir)
     chat_template = None

@@ -9,7 +9,6 @@ have images gets an empty vision input (zero patches, every feature row dropped)
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -183,7 +182,7 @@ class BatchSource:
         """
         if self._census is None:
             path = self._census_path()
-            census = _read_json(path) if path else None
+            census = identity.read_json(path) if path else None
             if census is None:
                 once = pipeline.make_iterator(self.data_config.with_updates(num_epochs=1), self.model_cfg)
                 batches = sum(1 for _ in once)
@@ -191,7 +190,7 @@ class BatchSource:
                 census = {"batches": batches, **{k: stats[k] for k in (
                     "examples", "skipped", "skipped_total", "blank", "truncated_examples", "truncated_tokens")}}
                 if path:
-                    _write_json(path, census)
+                    identity.write_json(path, census)
             self._census = census
         return self._census
 
@@ -270,26 +269,6 @@ class BatchSource:
 _DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
                 "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps",
                 "branch_ids", "target_row", "target_index", "target_labels", "target_mask")
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: str, value) -> None:
-    """Writes ``value`` to ``path`` through a temporary file (never half-written); an unwritable cache is skipped."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("cannot keep the data count in %s (%s)", path, e)
 
 
 def _empty_like(batch: dict) -> dict:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+
+log = logging.getLogger("medee_jax.train")
 
 
 def file_identity(path) -> dict:
@@ -58,3 +61,27 @@ def digest(value) -> str:
     """Returns a 16-hex-digit hash of a JSON-able value (keys sorted)."""
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_json(path: str):
+    """Returns the JSON value stored at ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: str, value) -> bool:
+    """Writes ``value`` to ``path`` through a temporary file (never half-written); returns False (with a warning)
+    when the folder is not writable: a cache is then simply not kept."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=1)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        log.warning("cannot write %s (%s)", path, e)
+        return False

@@ -401,6 +401,8 @@ def describe_data(report: dict) -> list[str]:
     names = {"train": "train data read", "train_epoch": "train file (one epoch)", "eval": "eval file"}
     lines = []
     for split, r in report.items():
+        if split == "train_epoch" and r == report.get("train"):
+            continue  # the run read exactly one epoch: the same line twice
         line = f"{names.get(split, split)}: {r['examples']} records used, {r['skipped_total']} skipped"
         if r["skipped_total"]:
             line += f" ({_reasons(r['skipped'])})"

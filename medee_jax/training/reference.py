@@ -112,14 +112,6 @@ def reference_key(trainer, split: str, data_path: str) -> dict:
     }
 
 
-def _read_key(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def precompute(trainer, split: str) -> str:
     """Returns the path of ``split``'s data annotated with reference log-probs, computing it unless a file made
     from the same data, model and settings (``reference_key``) is already there."""
@@ -130,7 +122,7 @@ def precompute(trainer, split: str) -> str:
     out_path = os.path.join(out_dir, f"{split}.jsonl")
     key_path = os.path.join(out_dir, f"{split}.key.json")
     key = json.loads(json.dumps(reference_key(trainer, split, data_path)))
-    saved = _read_key(key_path)
+    saved = identity.read_json(key_path)
     if os.path.isfile(out_path) and saved == key:
         return out_path
     if os.path.isfile(out_path):
@@ -144,9 +136,7 @@ def precompute(trainer, split: str) -> str:
         if os.path.exists(key_path):
             os.remove(key_path)  # the old key must not vouch for a half-replaced file
         n = write_with_reference(os.path.abspath(data_path), results, out_path)  # sources name absolute paths
-        with open(key_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(key, f, indent=2)
-        os.replace(key_path + ".tmp", key_path)
+        identity.write_json(key_path, key)
         log.info("reference log-probs for %d records of %s -> %s", n, data_path, out_path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

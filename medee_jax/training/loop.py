@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from ..data.errors import NoUsableRecordsError
-from ..models.export_dir import check_destination
+from ..models.export_dir import DestinationError, check_destination
 from ..models.qwen2_5_vl import Qwen25VL
 from . import checkpoint as ckpt
 from . import metrics as metrics_lib
@@ -104,7 +104,11 @@ class Trainer:
         config = self.config
         self.data = resolve_data(config, self.workdir)
         if config.train.export_hf:  # refuse now, not after training, an export directory that is not ours
-            check_destination(os.path.join(self.workdir, "hf"), sources=(self.data.tokenizer_dir,))
+            try:
+                check_destination(os.path.join(self.workdir, "hf"), sources=(self.data.tokenizer_dir,))
+            except DestinationError as e:
+                raise DestinationError(f"train.export_hf: {e} For a training run: move that directory away (or "
+                                       "remove the files named) before starting.") from None
         self.model = build_model(config, self.mesh, self.data)
         self.opts = _step_options(config)
         filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)

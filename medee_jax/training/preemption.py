@@ -15,8 +15,9 @@ import signal
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Interrupted(Exception):
-    """A stop signal arrived while the loop was waiting for data; ``signal_name`` says which."""
+class Interrupted(BaseException):
+    """A stop signal arrived while the loop was waiting for data; ``signal_name`` says which. A BaseException,
+    as KeyboardInterrupt is, so that no ``except Exception`` in the input pipeline's libraries swallows it."""
 
     def __init__(self, signal_name: str):
         super().__init__(f"{signal_name} while reading data")

@@ -93,6 +93,19 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     # once for both completions (same log-probs as separate rows; rows take up to 2 x data.max_length tokens).
     # Fewer tokens, but a longer dense attention: measured slower than separate rows on CPU (README, Benchmarks).
     c.dpo.share_prompt = False
+
+    # ---- Data safety settings (issue 9, "no lost work, no surprises") ----------------------------------------------
+    # 16-bit / float images (medical PNG/TIFF scans) -> 8 bits: "min_max" stretches each image's own range onto
+    # 0..255; "bit_depth" scales by the format's range (x / 257 for 16-bit); "refuse" drops the record (reason
+    # high_bit_depth). 48-bit colour PNGs are reduced by Pillow to each sample's high byte in either scaling mode.
+    c.data.high_bit_depth = "min_max"
+    # With data.on_bad_record="skip": stop before training when more than this fraction of an epoch's records is
+    # bad (counted by reason in one pass over the data, cached per data file). 1.0: never stop for it.
+    c.data.max_bad_fraction = 1.0
+    # The eval file's image folder ("": data.media_root if set, else the eval file's own folder).
+    c.data.eval_media_root = ""
+    # Resume weights and optimizer state but start the data from its beginning (new data, or another pipeline).
+    c.data.reset_iterator = False
     return c
 
 

@@ -128,3 +128,128 @@ def test_bad_sources_give_one_error_line(src, tmp_path, tool, capsys):
         orbax_io.orbax_to_hf(other, dst)
     assert "language_model.layers.gate_proj_kernel [2, 64, 128] (expected [3, 64, 96])" in str(err.value)
     assert not os.path.exists(dst)
+
+
+# ---- destinations: replace only what we wrote ------------------------------------------------------------------
+
+def run_tool(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def tree(path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (to prove a directory was left untouched)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = open(full, "rb").read()
+    return out
+
+
+def fake_workdir(path):
+    """What a training run leaves in its workdir: a config.json (the run config), checkpoints, metrics."""
+    os.makedirs(path / "checkpoints" / "100" / "state")
+    (path / "checkpoints" / "100" / "state" / "data.bin").write_bytes(b"weights")
+    (path / "config.json").write_text('{"mode": "sft"}')
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    os.makedirs(path / "tensorboard")
+    (path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"ev")
+    return path
+
+
+def test_conversion_into_a_directory_we_did_not_write_is_refused(src, tmp_path):
+    """hf2orbax SRC <a training workdir> used to delete its checkpoints and metrics (it has a config.json)."""
+    workdir = fake_workdir(tmp_path / "run")
+    before = tree(workdir)
+    proc = run_tool("hf2orbax", src, str(workdir))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and "was not written by medee_jax" in err and "--overwrite" in err
+    assert "checkpoints" in err and "metrics.jsonl" in err
+    assert tree(workdir) == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no staging directory either
+
+    proc = run_tool("hf2orbax", src, str(workdir), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "removing 4 entries medee_jax did not write: checkpoints, config.json, metrics.jsonl, tensorboard" \
+        in proc.stderr
+    assert os.path.isdir(workdir / "params") and not os.path.exists(workdir / "checkpoints")
+
+
+def test_destination_containing_the_source_is_refused_even_with_overwrite(src, tmp_path):
+    parent = tmp_path / "models"
+    copy = parent / "hf"
+    shutil.copytree(src, copy)
+    before = tree(parent)
+    for extra in ((), ("--overwrite",)):
+        proc = run_tool("hf2orbax", str(copy), str(parent), *extra)
+        assert proc.returncode == 2 and "contains the source" in proc.stderr, proc.stderr[-2000:]
+    assert tree(parent) == before
+    orb = tmp_path / "orb"
+    orbax_io.hf_to_orbax(str(copy), orb)
+    with pytest.raises(hf.DestinationError, match="is the source"):
+        orbax_io.orbax_to_hf(orb, orb, overwrite=True)
+
+
+def test_rewriting_our_own_output_needs_no_flag_but_added_files_do(src, tmp_path):
+    orb, back = tmp_path / "orbax", tmp_path / "back"
+    run_cli("hf2orbax", src, str(orb))
+    run_cli("hf2orbax", src, str(orb))  # ours, unchanged: replaced
+    run_cli("orbax2hf", str(orb), str(back))
+    assert json.loads((back / ".medee_jax_export.json").read_text())["kind"] == "hf"
+    (back / "README.md").write_text("# my model card")
+    os.makedirs(back / "eval")
+    (back / "eval" / "results.json").write_text("{}")
+    proc = run_tool("orbax2hf", str(orb), str(back))
+    assert proc.returncode == 2 and "README.md, eval" in proc.stderr and "--overwrite" in proc.stderr
+    assert (back / "README.md").read_text() == "# my model card"
+    proc = run_tool("orbax2hf", str(orb), str(back), "--overwrite")
+    assert proc.returncode == 0 and "removing 2 entries medee_jax did not write: README.md, eval" in proc.stderr
+    assert not (back / "README.md").exists()
+
+
+KILL_SCRIPT = """
+import sys, time
+from medee_jax.models import hf, orbax_io
+real = hf.read_into
+def slow(*args, **kwargs):
+    real(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(600)
+hf.read_into = slow
+orbax_io.hf_to_orbax(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_killed_conversion_leaves_no_staging_directory_behind(src, tmp_path):
+    """SIGKILL mid-conversion leaves a hidden staging directory; the next conversion to that DST removes it."""
+    dst = tmp_path / "orbax"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, src, str(dst)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".orbax.staging-")]
+    assert len(left) == 1 and not dst.exists()
+    run_cli("hf2orbax", src, str(dst))
+    assert os.listdir(tmp_path) == ["orbax"]
+
+
+def test_interrupted_replacement_is_rolled_back(src, tmp_path):
+    """Killed between moving the old DST aside and moving the new one in: the next write restores the old one
+    first, so the rule (it was ours) still applies to it."""
+    import socket
+
+    from medee_jax.models import export_dir
+
+    dst = tmp_path / "orbax"
+    orbax_io.hf_to_orbax(src, dst)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # a pid that no longer runs
+    stage_root = tmp_path / f".orbax.staging-{socket.gethostname()}-{finished.pid}-abcd1234"
+    stage_root.mkdir()
+    os.rename(dst, stage_root / "orbax.old")
+    assert export_dir.clean_stale_staging(dst) == [str(stage_root)]
+    assert sorted(os.listdir(tmp_path)) == ["orbax"] and (dst / "params").is_dir()

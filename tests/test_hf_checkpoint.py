@@ -299,8 +299,37 @@ def test_failed_export_leaves_nothing(ours, tmp_path, monkeypatch):
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a checkpoint directory"):
+    with pytest.raises(FileExistsError, match="was not written by medee_jax"):
         save_pretrained(ours, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_export_replaces_only_what_it_wrote(ckpts, ours, tmp_path, caplog):
+    """save_pretrained replaces its own earlier export; a README or eval files added since make it refuse unless
+    overwrite=True, which then names what it removes; the source checkpoint (or a folder holding it) never."""
+    out = tmp_path / "export"
+    save_pretrained(ours, out)
+    save_pretrained(ours, out)  # ours and unchanged
+    (out / "README.md").write_text("model card")
+    (out / "eval_results.json").write_text("{}")
+    with pytest.raises(hf.DestinationError, match="README.md") as err:
+        save_pretrained(ours, out)
+    assert "overwrite=True" in str(err.value) and (out / "README.md").exists()
+    with caplog.at_level("WARNING", logger="medee_jax.export"):
+        save_pretrained(ours, out, overwrite=True)
+    assert "removing 2 entries medee_jax did not write: README.md, eval_results.json" in caplog.text
+    assert not (out / "README.md").exists()
+    assert_same_tensors(ckpts.single, out)
+
+    transformers_dir = tmp_path / "from_transformers"  # a config.json alone no longer makes a directory ours
+    shutil.copytree(ckpts.single, transformers_dir)
+    with pytest.raises(hf.DestinationError, match="was not written by medee_jax"):
+        save_pretrained(ours, transformers_dir)
+    model = from_pretrained(transformers_dir, dtype=jnp.float32)
+    for target in (transformers_dir, tmp_path):  # the source itself, a folder holding it
+        with pytest.raises(hf.DestinationError, match="the source"):
+            save_pretrained(model, target, overwrite=True)
+    assert_same_tensors(ckpts.single, transformers_dir)
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------
@@ -367,3 +396,20 @@ def test_load_onto_8_device_mesh_in_subprocess(ckpts):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"ok": True, "q_shard": [2, 16, 32]}
+
+
+def test_error_for_a_config_with_far_too_many_layers_stays_short(ckpts, tmp_path):
+    """num_hidden_layers typed with extra zeros: the error lists the first few missing tensors and a count
+    (it used to list every one: 528 MB for 10**6 layers)."""
+    bad = tmp_path / "many_layers"
+    shutil.copytree(ckpts.single, bad)
+    config = json.loads((bad / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["num_hidden_layers"] = 20_000
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.CheckpointError) as err:
+        from_pretrained(bad)
+    msg = str(err.value)
+    missing = (20_000 - 2) * 12  # 12 tensors per decoder layer, 2 layers present
+    assert f"missing ({missing}): model.layers.2.input_layernorm.weight" in msg
+    assert f"... and {missing - 20} more" in msg and len(msg) < 4000

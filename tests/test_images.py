@@ -323,3 +323,80 @@ def test_preprocess_accepts_paths_and_rejects_empty(tmp_path):
     with pytest.raises(ImageError) as info:
         internvl_preprocess([Image.new("RGB", (0, 5))])
     assert info.value.reason == errors.EMPTY_IMAGE
+
+
+# ------------------------------------------------------------------------------------------- high bit depth
+
+
+def raw_png(width, height, samples: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written byte by byte (Pillow cannot write 48-bit RGB): ``samples`` [H, W, C] uint16."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    big = samples.astype(">u2")
+    raw = b"".join(b"\x00" + big[row].tobytes() for row in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def twelve_bit_gradient():
+    """A 12-bit scan stored in 16 bits (values 100..4000), as X-ray PNG exports hold them: uint16 [32, 48]."""
+    return np.linspace(100, 4000, 32 * 48).reshape(32, 48).round().astype(np.uint16)
+
+
+def test_16_bit_greyscale_png_is_stretched_not_saturated(tmp_path):
+    """Default "min_max": the image's own range maps linearly onto 0..255 (Pillow's convert("RGB") would clip
+    every value above 255 to white)."""
+    values = twelve_bit_gradient()
+    path = write(tmp_path, "xray16.png", encoded(Image.fromarray(values), "PNG"))
+    assert Image.open(path).mode == "I;16"
+    pixels = np.asarray(load_image(path))  # [H, W, 3] u8
+    expected = np.round((values.astype(np.float64) - 100) / 3900 * 255).astype(np.uint8)
+    assert pixels.dtype == np.uint8 and (pixels == expected[..., None]).all()
+    assert (pixels == 255).mean() < 0.01 and pixels.min() == 0 and pixels.max() == 255
+
+
+def test_16_bit_greyscale_bit_depth_scaling_and_refuse(tmp_path):
+    values = twelve_bit_gradient()
+    path = write(tmp_path, "xray16.png", encoded(Image.fromarray(values), "PNG"))
+    pixels = np.asarray(load_image(path, high_bit_depth="bit_depth"))
+    np.testing.assert_array_equal(pixels[..., 0], np.round(values / 257.0).astype(np.uint8))
+    err = expect_error(path, errors.HIGH_BIT_DEPTH, high_bit_depth="refuse")
+    assert "I;16" in str(err) and "data.high_bit_depth" in str(err)
+
+
+def test_other_high_bit_depth_modes(tmp_path):
+    values = twelve_bit_gradient()
+    stretched = np.round((values.astype(np.float64) - 100) / 3900 * 255).astype(np.uint8)
+    as_int = write(tmp_path, "i32.tiff", encoded(Image.fromarray(values.astype(np.int32)), "TIFF"))
+    floats = values.astype(np.float32) / np.float32(4095)  # [H, W] in 0..1
+    as_float = write(tmp_path, "f32.tiff", encoded(Image.fromarray(floats), "TIFF"))
+    assert Image.open(as_int).mode == "I" and Image.open(as_float).mode == "F"
+    f64 = floats.astype(np.float64)
+    stretched_floats = np.round((f64 - f64.min()) / (f64.max() - f64.min()) * 255).astype(np.uint8)
+    for path, expected in ((as_int, stretched), (as_float, stretched_floats)):
+        np.testing.assert_array_equal(np.asarray(load_image(path))[..., 1], expected)
+        expect_error(path, errors.HIGH_BIT_DEPTH, high_bit_depth="refuse")
+    assert np.abs(stretched_floats.astype(int) - stretched).max() <= 1
+    unit = np.asarray(load_image(as_float, high_bit_depth="bit_depth"))[..., 2]  # floats: 0..1 -> 0..255
+    np.testing.assert_array_equal(unit, np.round(f64 * 255).astype(np.uint8))
+    flat = write(tmp_path, "flat16.png", encoded(Image.fromarray(np.full((8, 8), 3000, np.uint16)), "PNG"))
+    assert (np.asarray(load_image(flat)) == round(3000 / 257)).all()  # no range to stretch: bit-depth scaled
+    nan = write(tmp_path, "nan.tiff", encoded(Image.fromarray(np.full((8, 8), np.nan, np.float32)), "TIFF"))
+    expect_error(nan, errors.CORRUPT_IMAGE)
+
+
+def test_48_bit_rgb_png(tmp_path):
+    """Pillow decodes 16-bit-per-channel colour to 8 bits by keeping each sample's high byte (bit-depth scaling,
+    whatever the option); "refuse" refuses it."""
+    values = twelve_bit_gradient()
+    rgb = np.stack([values, values // 2, values * 16], -1)  # [H, W, 3] u16
+    path = write(tmp_path, "rgb48.png", raw_png(48, 32, rgb, color_type=2))
+    np.testing.assert_array_equal(np.asarray(load_image(path)), (rgb >> 8).astype(np.uint8))
+    err = expect_error(path, errors.HIGH_BIT_DEPTH, high_bit_depth="refuse")
+    assert "16 bits per channel" in str(err)
+
+
+def test_high_bit_depth_option_is_checked():
+    with pytest.raises(ValueError, match="high_bit_depth"):
+        load_image("x.png", high_bit_depth="clip")

@@ -155,6 +155,40 @@ def test_jsonl_appends_on_resume(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
 
 
+def test_resume_drops_records_after_the_restored_step(tmp_path):
+    """A run killed at step 7 with its last checkpoint at step 5 resumes from 5: steps 6 and 7 are logged again, so
+    their first records go (JSONL rewritten; TensorBoard told to purge them with a SessionLog START)."""
+    with M.MetricsLogger(tmp_path, total_steps=10, console=False) as logger:
+        for step in range(1, 8):
+            logger.log(step, {"loss": float(step)})
+        logger.log(5, {"eval/loss": 9.0})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')  # the killed process's half-written line
+    with M.MetricsLogger(tmp_path, total_steps=10, console=False, resume_step=5) as logger:
+        for step in range(6, 11):
+            logger.log(step, {"loss": 100.0 + step})
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]
+    assert [r["loss"] for r in records if "loss" in r][5:] == [106.0, 107.0, 108.0, 109.0, 110.0]
+    got = _read_scalars(tmp_path / "tensorboard")
+    assert got["loss"] == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 11)]
+    assert got["eval/loss"] == [(5, 9.0)]
+
+
+def test_eval_records_print_an_eval_line_not_a_progress_line(tmp_path):
+    """Evaluation metrics logged at the last step used to print a final progress line "loss ? | lr ?"."""
+    out = io.StringIO()
+    logger = M.MetricsLogger(tmp_path, total_steps=2, use_tensorboard=False, stream=out, clock=FakeClock())
+    logger.log(1, {"loss": 1.5, "lr": 1e-3, "tokens": 10})
+    logger.log(2, {"loss": 1.25, "lr": 1e-3, "tokens": 10})
+    logger.log(2, {"eval/loss": 1.75, "eval/rewards/accuracies": 0.5})
+    logger.close()
+    lines = out.getvalue().splitlines()
+    assert "?" not in lines[-1] and lines[-1] == "eval at step 2: loss 1.7500 | rewards/accuracies 0.5000"
+    assert "loss 1.2500" in lines[-2] and "lr 1.00e-03" in lines[-2]
+    assert logger.summary().count("final loss 1.2500") == 1
+
+
 def test_non_chief_writes_nothing(tmp_path, capsys):
     workdir = tmp_path / "run"
     logger = M.MetricsLogger(workdir, total_steps=5, is_chief=False)

@@ -20,6 +20,7 @@ from medee_jax.data.pipeline import DataConfig, build_dataset, example_dataset, 
 from medee_jax.data.sources import ArrayRecordSource, JsonlSource, open_source
 from medee_jax.data.tokenize import load_chat_tokenizer
 from medee_jax.models import Qwen25VL, tiny_config
+from tests.limits import alarm
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(56, 56), (84, 56), (56, 112)]  # (w, h): grids (1,4,4), (1,4,6), (1,8,4)
@@ -422,3 +423,123 @@ def test_load_images_passes_uint8_patches_or_normalized_pixels(tmp_path):
     assert np.array_equal(floats["pixel_values"], ref_pixels) and floats["pixel_values"].dtype == np.float32
     assert np.array_equal(normalize_patches(compact["pixel_values"]), ref_pixels)
     assert compact["image_grid_thw"].tolist() == floats["image_grid_thw"].tolist() == ref_grid.tolist()
+
+
+def test_load_images_rescales_or_refuses_16_bit_images(tmp_path):
+    """The pipeline's image stage passes data.high_bit_depth on: a 16-bit greyscale scan is stretched to 8 bits
+    (not saturated), or the record is dropped with reason high_bit_depth under "refuse"."""
+    from medee_jax.data.formats import Conversation, Message, RecordRef
+    from medee_jax.data.images import load_image, qwen2_vl_patches
+    from medee_jax.data.pipeline import Dropped, LoadImages
+
+    path = tmp_path / "xray16.png"
+    Image.fromarray(np.linspace(0, 4095, 56 * 84).reshape(56, 84).astype(np.uint16)).save(path)
+    record = Conversation(messages=(Message("user", "<image>Findings?"), Message("assistant", "Clear.")),
+                          images=(str(path),), source=RecordRef(str(tmp_path / "d.jsonl"), 5))
+    kwargs = dict(min_pixels=3136, max_pixels=448 * 448, max_patches=10**6)
+    out = LoadImages(**kwargs).map({"record": record})
+    expected, _ = qwen2_vl_patches([load_image(path, high_bit_depth="min_max")], 3136, 448 * 448)
+    np.testing.assert_array_equal(out["pixel_values"], expected)
+    assert (out["pixel_values"] == 255).mean() < 0.01  # Pillow's convert("RGB") made 97% of these 255
+    refused = LoadImages(**kwargs, high_bit_depth="refuse").map({"record": record})
+    assert isinstance(refused, Dropped) and refused.error.reason == errors.HIGH_BIT_DEPTH
+    assert refused.error.line == 5 and str(path) in str(refused.error)
+    with pytest.raises(ValueError, match="high_bit_depth"):
+        DataConfig(paths="x.jsonl", tokenizer_dir="t", high_bit_depth="clip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No endless reads, counted truncation, movable states
+
+
+def test_an_all_bad_file_is_an_error_naming_the_counts_not_an_endless_read(tmp_path, demo_tokenizer_dir,
+                                                                           model_config):
+    lines = ["{not json"] * 3 + [json.dumps({"conversations": [{"from": "human", "value": "<image>hi"},
+                                                              {"from": "gpt", "value": "x"}]})] * 2 + ["", "  "]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    for epochs in (None, 1):
+        cfg = DataConfig(paths=str(path), tokenizer_dir=str(demo_tokenizer_dir), mode="sft", batch_size=2,
+                         max_length=64, length_buckets=(64,), on_bad_record="skip", num_epochs=epochs, read_threads=0,
+                         shard_index=0, shard_count=1)
+        with alarm(60), pytest.raises(errors.NoUsableRecordsError) as info:
+            next(make_iterator(cfg, model_config))
+        msg = str(info.value)
+        assert str(path) in msg and "no usable record in a whole epoch" in msg
+        assert "malformed_json: 3" in msg and "placeholder_count: 2" in msg
+        assert info.value.counts == {errors.MALFORMED_JSON: 3, errors.PLACEHOLDER_COUNT: 2}
+
+
+def test_one_good_record_among_bad_ones_keeps_epochs_going(tmp_path, demo_tokenizer_dir, model_config):
+    """Reshuffled epochs can put long runs of bad records back to back; that is not an unusable epoch."""
+    good = json.dumps({"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    path = tmp_path / "mostly_bad.jsonl"
+    path.write_text("\n".join([good] + ["{not json"] * 5) + "\n")
+    cfg = DataConfig(paths=str(path), tokenizer_dir=str(demo_tokenizer_dir), mode="sft", batch_size=1,
+                     max_length=64, length_buckets=(64,), on_bad_record="skip", num_epochs=None, read_threads=0,
+                     shard_index=0, shard_count=1, seed=7)
+    it = make_iterator(cfg, model_config)
+    with alarm(60):
+        batches = [next(it) for _ in range(30)]
+    assert len(batches) == 30 and it.stats()["skipped"] == {errors.MALFORMED_JSON: it.stats()["skipped_total"]}
+
+
+def test_truncations_are_counted(tmp_path, demo_tokenizer_dir, model_config):
+    rng = np.random.default_rng(4)
+    records = [{"conversations": [{"from": "human", "value": "Q?"},
+                                  {"from": "gpt", "value": sentence(rng, 60, 61) if i % 3 == 0 else "Short."}]}
+               for i in range(9)]
+    write_jsonl(tmp_path / "long.jsonl", records)
+    cfg = DataConfig(paths=str(tmp_path / "long.jsonl"), tokenizer_dir=str(demo_tokenizer_dir), mode="sft",
+                     batch_size=2, max_length=64, length_buckets=(64,), packing=False, shuffle=False, read_threads=0,
+                     shard_index=0, shard_count=1)
+    it = make_iterator(cfg, model_config)
+    list(it)
+    stats = it.stats()
+    assert stats["examples"] == 9 and stats["truncated_examples"] == 3 and stats["truncated_tokens"] > 3
+    dpo = [{"conversations": [{"from": "human", "value": "Q?"}], "chosen": sentence(rng, 60, 61) + " yes",
+            "rejected": "No."}, {"conversations": [{"from": "human", "value": "Q?"}], "chosen": "A.", "rejected": "B."}]
+    write_jsonl(tmp_path / "long_dpo.jsonl", dpo)
+    it = make_iterator(cfg.with_updates(paths=str(tmp_path / "long_dpo.jsonl"), mode="dpo"), model_config)
+    list(it)
+    assert it.stats()["truncated_examples"] == 1
+
+
+def test_state_follows_a_moved_data_file_but_not_another_file(data, demo_tokenizer_dir, model_config, tmp_path):
+    import shutil
+
+    cfg = config(data, demo_tokenizer_dir, "dpo.jsonl", mode="dpo", num_epochs=None)
+    it = make_iterator(cfg, model_config)
+    next(it)
+    state = it.get_state()
+    expected = next(it)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.copy(data / "dpo.jsonl", moved / "dpo.jsonl")
+    shutil.copytree(data / "img", moved / "img")
+    resumed = next(make_iterator(cfg.with_updates(paths=str(moved / "dpo.jsonl")), model_config, state=state))
+    assert [s.replace(str(moved), str(data)) for s in resumed.pop("sources")] == list(expected.pop("sources"))
+    assert_batches_equal([resumed], [expected])
+    with pytest.raises(ValueError, match="different input pipeline"):
+        make_iterator(cfg.with_updates(paths=str(data / "sft.jsonl")), model_config, state=state)
+
+
+def test_deeply_nested_json_is_a_bad_record_not_a_crash(tmp_path, demo_tokenizer_dir, model_config):
+    """json.loads raises RecursionError on thousands of nested brackets; that used to abort skip mode too."""
+    from medee_jax.data.formats import read_records
+
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    good = json.dumps({"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]})
+    path = tmp_path / "deep.jsonl"
+    path.write_text("\n".join([good, deep, good]) + "\n")
+    cfg = DataConfig(paths=str(path), tokenizer_dir=str(demo_tokenizer_dir), mode="sft", batch_size=2,
+                     max_length=64, length_buckets=(64,), on_bad_record="skip", shuffle=False, read_threads=0,
+                     shard_index=0, shard_count=1)
+    it = make_iterator(cfg, model_config)
+    list(it)
+    assert it.stats()["skipped"] == {errors.MALFORMED_JSON: 1} and it.stats()["examples"] == 2
+    with pytest.raises(BadRecordError, match="deep.jsonl:2: bad record \\(malformed_json\\).*nested too deeply"):
+        list(make_iterator(cfg.with_updates(on_bad_record="raise"), model_config))
+    counter = errors.BadRecordCounter()
+    assert len(list(read_records(path, kind="sft", on_bad_record="skip", counter=counter))) == 2
+    assert counter.counts == {errors.MALFORMED_JSON: 1}

@@ -372,3 +372,40 @@ def test_image_prefix_suffix_expansion(chat_tokenizer):
     end_of_image = int(np.flatnonzero(native["input_ids"] == chat_tokenizer.image_token_id)[-1]) + 1
     with pytest.raises(BadRecordError, match="prompt_too_long"):  # the suffix belongs to the image span
         tokenize_conversation(conv, tok, [[1, 4, 6]], max_length=end_of_image)
+
+
+def write_remote_code_tokenizer(src_dir, out_dir, marker):
+    """A tokenizer folder whose tokenizer_config.json asks transformers to import its own Python file; importing
+    that file writes ``marker`` (proof that the code ran)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src_dir / name, out_dir / name)
+    config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
+    config["tokenizer_class"] = "EvilTokenizer"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (out_dir / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+
+
+def test_tokenizer_code_in_the_checkpoint_never_runs(demo_tokenizer_dir, tmp_path):
+    """transformers asks on a terminal whether to run a tokenizer folder's own code; answering "y" must not run it:
+    every load passes trust_remote_code=False, and the folder is refused with a message saying why."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    write_remote_code_tokenizer(demo_tokenizer_dir, folder, marker)
+    script = ("import sys\nfrom medee_jax.data.tokenize import load_chat_tokenizer\n"
+              "from medee_jax.training.setup import embedded_model_config\n"
+              "for load in (load_chat_tokenizer, embedded_model_config):\n"
+              "    try:\n        load(sys.argv[1])\n    except ValueError as e:\n        print('refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(folder)], input="y\ny\ny\n", capture_output=True,
+                          text=True, timeout=120)
+    assert not marker.exists(), proc.stdout + proc.stderr
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("refused:") == 2 and "trust_remote_code" in proc.stdout and str(folder) in proc.stdout

@@ -180,6 +180,8 @@ def test_kill_and_resume_is_exact(sft_data, tmp_path):
     assert not (tmp_path / "ignored.npz").exists(), "the run finished before it could be killed"
     resumed = run(SFT_CONFIG, tmp_path / "resumed.npz", overrides)
     assert int(resumed["steps"]) == 8
+    logged = [json.loads(line)["step"] for line in open(metrics) if "loss" in json.loads(line)]
+    assert logged == list(range(1, 9))  # the steps redone after the kill are logged once
     pa, pb = params_of(straight), params_of(resumed)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)

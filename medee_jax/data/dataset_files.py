@@ -87,6 +87,22 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return files
 
 
+def data_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Every file a split's data is read from, in order: the data files behind files, globs, folders and
+    dataset_info.json entries (an entry also names its dataset_info.json, whose mapping changes the records)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for path in map(os.fspath, paths):
+        spec = dataset_info.split_spec(path)
+        if spec is None:
+            files.extend(expand_paths(path))
+        else:
+            files.append(spec[0])
+            files.extend(expand_paths(dataset_info.load_entry(path)[0]))
+    return files
+
+
 def _check_columns(source, mode: str, record_format) -> None:
     names = set(source.column_names)
     where = source.paths[0] if len(source.paths) == 1 else f"{source.paths[0]} (and {len(source.paths) - 1} more)"

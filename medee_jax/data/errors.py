@@ -45,6 +45,7 @@ TRUNCATED_IMAGE = "truncated_image"
 DECOMPRESSION_BOMB = "decompression_bomb"
 EMPTY_IMAGE = "empty_image"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+HIGH_BIT_DEPTH = "high_bit_depth"  # a 16-bit / float image under data.high_bit_depth="refuse"
 
 
 class BadRecordError(ValueError):
@@ -157,6 +158,18 @@ class BadRecordCounter:
 
     def __repr__(self) -> str:
         return f"BadRecordCounter({dict(self.counts)})"
+
+
+class NoUsableRecordsError(ValueError):
+    """A whole epoch of a data file (this shard's share) gave no usable record: every record was bad (and skipped)
+    or blank. Raised instead of reading on forever; the message names the file(s) and the skip counts by reason."""
+
+    def __init__(self, where: str, records: int, counter: BadRecordCounter, blank: int = 0):
+        self.where, self.records, self.counts, self.blank = where, records, dict(counter.counts), blank
+        summary = counter.summary() or "skipped 0 bad record(s)"
+        blank_note = f"; {blank} blank line(s)" if blank else ""
+        super().__init__(f"{where}: no usable record in a whole epoch ({records} record(s) read in a row, none "
+                         f"usable{blank_note}) — {summary}")
 
 
 def handle_bad_record(

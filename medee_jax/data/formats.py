@@ -191,6 +191,9 @@ def _iter_json_lines(path: str, lines) -> Iterator[tuple[int, Any]]:
                 path, line_no, errors.MALFORMED_JSON, f"not valid JSON: {e.msg} at column {e.colno}"
             )
             continue
+        except RecursionError:
+            yield line_no, BadRecordError(path, line_no, errors.MALFORMED_JSON, "JSON nested too deeply to parse")
+            continue
         if not isinstance(obj, dict):
             yield line_no, BadRecordError(
                 path, line_no, errors.MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}"
@@ -233,6 +236,9 @@ def _iter_json_array(path: str, data: bytes) -> Iterator[tuple[int, Any]]:
                 path, e.lineno, errors.MALFORMED_JSON,
                 f"not valid JSON: {e.msg} at column {e.colno}; the rest of the array cannot be read",
             ) from None
+        except RecursionError:
+            raise BadRecordError(path, line_no, errors.MALFORMED_JSON, "JSON nested too deeply to parse; the rest "
+                                 "of the array cannot be read") from None
         if isinstance(obj, dict):
             yield line_no, obj
         else:

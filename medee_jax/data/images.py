@@ -1,9 +1,10 @@
 """Image loading with validation, and the two VLM image preprocessors, in numpy + PIL.
 
-- `load_image(path)`: open and fully decode an image file, or raise `ImageError` (a `BadRecordError`) naming the
-  file and a reason code: missing_image, empty_image, corrupt_image, truncated_image, decompression_bomb,
-  extreme_aspect_ratio. Returns an upright (EXIF-rotated) RGB image; transparency is composited onto white, the
-  same conversion transformers' image processors apply to a PIL image.
+- `load_image(path, high_bit_depth="min_max")`: open and fully decode an image file, or raise `ImageError` (a
+  `BadRecordError`) naming the file and a reason code: missing_image, empty_image, corrupt_image, truncated_image,
+  decompression_bomb, extreme_aspect_ratio, high_bit_depth. Returns an upright (EXIF-rotated) 8-bit RGB image;
+  transparency is composited onto white, the same conversion transformers' image processors apply to a PIL image.
+  High-bit-depth images (see `to_8bit`) are rescaled to 8 bits first instead of being clipped.
 - `qwen2_vl_preprocess(images, min_pixels, max_pixels)` -> `(pixel_values [P, 1176] f32, image_grid_thw [n, 3]
   i64)`, equal to transformers' `Qwen2VLImageProcessorPil` with the same min/max pixels; in two steps,
   `qwen2_vl_patches` (uint8 patches [P, 588], before rescaling) and `normalize_patches` (-> float32 [P, 1176]).
@@ -49,6 +50,11 @@ QWEN_MAX_PIXELS = 28 * 28 * 1280
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, EmbeddedImage]
 
+# How images with more than 8 bits per sample become 8-bit (`to_8bit`); data.high_bit_depth in the configs.
+HIGH_BIT_DEPTH_MODES = ("min_max", "bit_depth", "refuse")
+# Single-channel Pillow modes holding more than 8 bits: 16-bit PNG/TIFF greyscale, 32-bit int, 32-bit float.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
 
 class ImageError(errors.BadRecordError):
     """An unusable image. `path` is the image file (None for in-memory images), `reason` a reason code."""
@@ -69,17 +75,20 @@ def load_image(
     *,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_aspect_ratio: float = MAX_ASPECT_RATIO,
+    high_bit_depth: str = "min_max",
 ) -> Image.Image:
-    """Open, fully decode and validate an image file; return it upright and in RGB.
+    """Open, fully decode and validate an image file; return it upright and in 8-bit RGB.
 
     Raises `ImageError` with reason missing_image (no such file, or not a file), empty_image (0-byte file or zero
     width/height), corrupt_image (not a decodable image), truncated_image (decoding ran out of data),
-    decompression_bomb (more than `max_pixels` pixels, or Pillow's own bomb check fired) or extreme_aspect_ratio
-    (long side / short side > `max_aspect_ratio`, which Qwen2-VL's resize rejects).
+    decompression_bomb (more than `max_pixels` pixels, or Pillow's own bomb check fired), extreme_aspect_ratio
+    (long side / short side > `max_aspect_ratio`, which Qwen2-VL's resize rejects) or high_bit_depth (a 16-bit or
+    float image while `high_bit_depth="refuse"`). `high_bit_depth`: how such images become 8-bit (`to_8bit`).
 
     Truncation is detected only while Pillow's global `ImageFile.LOAD_TRUNCATED_IMAGES` is False (its default).
     An `EmbeddedImage` (image bytes from a Parquet/Arrow dataset) gets the same checks; messages use its name.
     """
+    check_high_bit_depth(high_bit_depth)
     embedded = path if isinstance(path, EmbeddedImage) else None
     path = embedded.name if embedded is not None else os.fspath(path)
     if embedded is None and not os.path.exists(path):
@@ -93,8 +102,11 @@ def load_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(embedded.data) if embedded is not None else path) as opened:
                 _check_size(path, opened.size, max_pixels, max_aspect_ratio)
+                wide_color = _has_16_bit_color_samples(opened)
                 opened.load()
-                image = to_rgb(ImageOps.exif_transpose(opened))
+                if wide_color and high_bit_depth == "refuse":
+                    raise ImageError(path, errors.HIGH_BIT_DEPTH, _refusal(path, "16 bits per channel colour"))
+                image = to_rgb(to_8bit(ImageOps.exif_transpose(opened), high_bit_depth, path=path))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -146,6 +158,58 @@ def _png_header_has_zero_size(path: str | bytes) -> bool:
     return width == 0 or height == 0
 
 
+def check_high_bit_depth(high_bit_depth: str) -> None:
+    if high_bit_depth not in HIGH_BIT_DEPTH_MODES:
+        raise ValueError(f"high_bit_depth={high_bit_depth!r}: one of {', '.join(HIGH_BIT_DEPTH_MODES)}")
+
+
+def _has_16_bit_color_samples(opened: Image.Image) -> bool:
+    """Whether Pillow will decode this (not yet loaded) file from 16-bit colour samples (48-bit RGB, 64-bit RGBA,
+    16-bit grey + alpha): it keeps each sample's high byte, and its mode says RGB/RGBA as for an 8-bit file."""
+    return opened.mode not in _WIDE_GREY_MODES and any(
+        ";16" in str(getattr(tile, "args", tile[3] if len(tile) > 3 else "")) for tile in (opened.tile or ()))
+
+
+def _refusal(path, what: str) -> str:
+    return (f"{what} image, refused by data.high_bit_depth='refuse': {path}; convert it to 8 bits, or set "
+            "data.high_bit_depth='min_max' (stretch each image's own range) or 'bit_depth' (scale by the format's "
+            "range)")
+
+
+def to_8bit(image: Image.Image, high_bit_depth: str = "min_max", *, path=None) -> Image.Image:
+    """Returns a single-channel image of more than 8 bits (Pillow modes I;16*, I, F) as an 8-bit "L" image;
+    any other image unchanged. Pillow's own conversion clips every value above 255 to white, which saturates a
+    16-bit scan.
+
+    high_bit_depth:
+      "min_max" (default): the image's own minimum..maximum maps linearly onto 0..255 (rounded) — a 12-bit
+        X-ray stored in 16 bits uses the full 8-bit range. A constant image falls back to "bit_depth".
+      "bit_depth": the format's range maps onto 0..255: 16-bit and 32-bit-int values x -> round(x / 257)
+        (0..65535, clipped), floats x -> round(255 x) (0..1, clipped).
+      "refuse": raise ImageError (reason high_bit_depth).
+    Colour images with 16 bits per channel are decoded by Pillow keeping each sample's high byte (a bit-depth
+    scaling, whatever this option says except "refuse", which `load_image` applies to them). Images with
+    non-finite float values are refused as corrupt_image.
+    """
+    check_high_bit_depth(high_bit_depth)
+    if image.mode not in _WIDE_GREY_MODES:
+        return image
+    if high_bit_depth == "refuse":
+        raise ImageError(path, errors.HIGH_BIT_DEPTH, _refusal(path, f"high-bit-depth (mode {image.mode})"))
+    values = np.asarray(image, dtype=np.float64)  # [H, W]
+    if not np.isfinite(values).all():
+        raise ImageError(path, errors.CORRUPT_IMAGE,
+                         f"image holds non-finite values (mode {image.mode}): {path if path else '<in memory>'}")
+    low, high = float(values.min()), float(values.max())
+    if high_bit_depth == "min_max" and high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    elif image.mode == "F":
+        scaled = values * 255.0
+    else:
+        scaled = values / 257.0
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB the way transformers' processors convert a PIL image: transparency is composited onto white."""
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
@@ -169,7 +233,7 @@ def _as_rgb_image(image: ImageLike) -> Image.Image:
         raise TypeError(f"expected a PIL image, a uint8 numpy array or a path; got {type(image).__name__}")
     if image.width <= 0 or image.height <= 0:
         raise ImageError(None, errors.EMPTY_IMAGE, f"image has zero width or height ({image.width}x{image.height})")
-    return to_rgb(image)
+    return to_rgb(to_8bit(image))
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:

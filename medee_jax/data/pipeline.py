@@ -11,13 +11,15 @@
 `PackAndBatch` runs after the workers, so the batches do not depend on `num_workers`: the workers' merged output
 is exactly the record order. A bad record is passed along as a marker and handled there by `on_bad_record`:
 "raise" stops with a `BadRecordError` naming file, line and reason; "skip" counts it by reason (see
-`BatchIterator.stats()`, which also reports packing efficiency).
+`BatchIterator.stats()`, which also reports packing efficiency and the examples cut to `max_length`). A whole
+epoch without one usable record raises `errors.NoUsableRecordsError` with the counts by reason (instead of reading
+an all-bad file forever).
 
 The iterator (`make_iterator`) is a `grain.DatasetIterator`: `get_state()` is a JSON-able dict (the position in the
 record stream plus running statistics), and `set_state()` on a fresh iterator of the same config resumes with
 exactly the batches the saved one would have produced next (`grain.checkpoint.CheckpointSave/Restore` work on it).
-A state saved under different data settings (files, seed, batch shape, num_workers, shard) is refused with a
-message naming them. The batch layout is documented in `medee_jax.data.batching`; DPO records may carry
+A state saved under different data settings (files — by name and size, so a moved
+data file or workdir still resumes —, seed, batch shape, num_workers, shard) is refused with a message naming them. The batch layout is documented in `medee_jax.data.batching`; DPO records may carry
 precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`), which become the batch's `ref_logps`.
 
 Multi-host: every host builds the same pipeline with its own shard (default: `jax.process_index()` of
@@ -41,9 +43,9 @@ import numpy as np
 from medee_jax.data import batching, errors, formats
 from medee_jax.data.batching import BatchSpec
 from medee_jax.data.errors import BadRecordCounter, BadRecordError
-from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, load_image, normalize_patches, prescale_image,
-                                   qwen2_vl_patches)
-from medee_jax.data.dataset_files import open_dataset
+from medee_jax.data.dataset_files import data_files, open_dataset
+from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, check_high_bit_depth, load_image,
+                                   normalize_patches, prescale_image, qwen2_vl_patches)
 from medee_jax.data.sources import RawRecord
 
 # Reason code for an example whose images alone exceed the largest patch bucket (not in errors.py's list).
@@ -77,6 +79,7 @@ class DataConfig:
       read_threads / read_buffer_size: threads and buffered examples per process for the map stages.
     min_pixels / max_pixels: Qwen2-VL image resizing bounds; image_max_pixels > 0 first shrinks larger images to
       that area (LLaMA-Factory's `image_max_pixels`), keeping the aspect ratio.
+    high_bit_depth: how 16-bit / float images become 8-bit: "min_max" | "bit_depth" | "refuse" (`images.to_8bit`).
     on_bad_record: "raise" | "skip".  media_root: folder image paths are relative to (default: the data file's).
     index_cache: keep JSONL line indexes in `<file>.index.npz` sidecars.
     share_prompt: DPO only; one row per pair with the prompt once (`batching.dpo_shared_prompt_batch`).
@@ -104,6 +107,7 @@ class DataConfig:
     min_pixels: int = QWEN_MIN_PIXELS
     max_pixels: int = QWEN_MAX_PIXELS
     image_max_pixels: int = 0
+    high_bit_depth: str = "min_max"
     on_bad_record: str = "raise"
     media_root: str | None = None
     index_cache: bool = False
@@ -122,6 +126,7 @@ class DataConfig:
         if self.mode not in ("sft", "dpo"):
             raise ValueError(f"DataConfig.mode must be 'sft' or 'dpo', got {self.mode!r}")
         errors.check_on_bad_record(self.on_bad_record)
+        check_high_bit_depth(self.high_bit_depth)
         for name in ("batch_size", "max_length", "max_patches", "worker_buffer_size", "read_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -246,6 +251,9 @@ def _decode_json(data: bytes, ref: formats.RecordRef) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON, f"not valid JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON,
+                             "JSON nested too deeply to parse (thousands of levels)") from None
     if not isinstance(obj, dict):
         raise BadRecordError(ref.file, ref.line, errors.MALFORMED_JSON, f"expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -261,8 +269,10 @@ class LoadImages(grain.transforms.Map):
 
     def __init__(self, *, min_pixels: int, max_pixels: int, max_patches: int, patch_size: int = 14,
                  temporal_patch_size: int = 2, merge_size: int = 2, image_max_pixels: int = 0,
-                 normalize: bool = False):
+                 normalize: bool = False, high_bit_depth: str = "min_max"):
+        check_high_bit_depth(high_bit_depth)
         self.min_pixels, self.max_pixels, self.max_patches = min_pixels, max_pixels, max_patches
+        self.high_bit_depth = high_bit_depth
         self.image_max_pixels = image_max_pixels  # > 0: LLaMA-Factory-style area clamp before the processor
         self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
         self.normalize = normalize
@@ -275,9 +285,9 @@ class LoadImages(grain.transforms.Map):
             return example
         src = record.source
         try:
-            images = list(record.images)
+            images = [load_image(path, high_bit_depth=self.high_bit_depth) for path in record.images]
             if self.image_max_pixels > 0:
-                images = [prescale_image(load_image(path), self.image_max_pixels) for path in images]
+                images = [prescale_image(image, self.image_max_pixels) for image in images]
             pixels, grid = qwen2_vl_patches(images, self.min_pixels, self.max_pixels, patch_size=self.patch_size,
                                             merge_size=self.merge_size)  # [p, 588] u8
             if self.normalize:
@@ -323,11 +333,14 @@ class Tokenize(grain.transforms.Map):
 
         tok = _chat_tokenizer(self.tokenizer_dir)
         grid = example.get("image_grid_thw")
+        report = {}
         try:
-            out = tokenize_record(example["record"], tok, grid, max_length=self.max_length, on_bad_record="raise")
+            out = tokenize_record(example["record"], tok, grid, max_length=self.max_length, on_bad_record="raise",
+                                  report=report)
         except BadRecordError as error:
             return Dropped(error)
         out["source"] = example["source"]
+        out["truncated_tokens"] = report.get("truncated_tokens", 0)
         if "ref_logps" in example:
             out["ref_logps"] = example["ref_logps"]
         if grid is not None:
@@ -348,41 +361,51 @@ class PackAndBatch(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, spec: BatchSpec, on_bad_record: str = "raise",
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, records_per_epoch: int | None = None, where: str = ""):
         super().__init__(parent)
         self.spec = spec
         self.on_bad_record = on_bad_record
         self.fingerprint = dict(fingerprint or {})
+        self.records_per_epoch = records_per_epoch
+        self.where = where
 
     def __iter__(self) -> "BatchIterator":
-        return BatchIterator(self._parent.__iter__(), self.spec, self.on_bad_record, self.fingerprint)
+        return BatchIterator(self._parent.__iter__(), self.spec, self.on_bad_record, self.fingerprint,
+                             records_per_epoch=self.records_per_epoch, where=self.where)
 
     def __str__(self) -> str:
         return f"PackAndBatch(mode={self.spec.mode}, batch_size={self.spec.batch_size})"
 
 
-_TOTALS = ("batches", "examples", "tokens", "token_slots", "target_tokens")
+_TOTALS = ("batches", "examples", "tokens", "token_slots", "target_tokens", "truncated_examples",
+           "truncated_tokens", "blank")
 
 
 class BatchIterator(grain.DatasetIterator):
     """Yields device batches. State = the upstream state at the first example of the next batch + statistics."""
 
     def __init__(self, parent: grain.DatasetIterator, spec: BatchSpec, on_bad_record: str,
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, *, records_per_epoch: int | None = None, where: str = ""):
         super().__init__(parent)
         self.spec = spec
         self.on_bad_record = on_bad_record
         self.fingerprint = dict(fingerprint or {})
+        self.records_per_epoch = records_per_epoch  # this shard's records per epoch (None: unknown)
+        self.where = where or ", ".join(str(p) for p in self.fingerprint.get("paths", ())) or "the data"
         self._carry = None  # an example that did not fit the previous batch; it opens the next one
         self._carry_state = None  # the upstream state just before that example
         self._counter = BadRecordCounter()
         self._totals = dict.fromkeys(_TOTALS, 0)
+        self._unusable_in_a_row = 0  # records read since the last usable one (bad or blank)
+        self._seen_usable = False
 
     def __next__(self) -> dict[str, Any]:
         packer = self.spec.new_packer()
+        truncated = []  # tokens cut from each example of this batch that lost some
         if self._carry is not None:
             if not packer.add(self._carry):
                 raise AssertionError("an example did not fit an empty batch")
+            truncated.append(self._carry.get("truncated_tokens", 0))
             self._carry = self._carry_state = None
         while True:
             state = self._parent.get_state()
@@ -395,10 +418,15 @@ class BatchIterator(grain.DatasetIterator):
             if isinstance(item, Dropped):
                 if item.error is not None:
                     errors.handle_bad_record(item.error, self.on_bad_record, self._counter)
+                else:
+                    self._totals["blank"] += 1
+                self._note_unusable()
                 continue
+            self._unusable_in_a_row, self._seen_usable = 0, True
             if not packer.add(item):
                 self._carry, self._carry_state = item, state
                 break
+            truncated.append(item.get("truncated_tokens", 0))
         batch = self.spec.build(packer.items)
         t = self._totals
         t["batches"] += 1
@@ -406,7 +434,21 @@ class BatchIterator(grain.DatasetIterator):
         t["tokens"] += int(batch["attention_mask"].sum())
         t["token_slots"] += int(batch["attention_mask"].size)
         t["target_tokens"] += int(batch["loss_mask"].sum())
+        t["truncated_examples"] += sum(1 for n in truncated if n > 0)
+        t["truncated_tokens"] += int(sum(truncated))
         return batch
+
+    def _note_unusable(self) -> None:
+        """Counts a bad or blank record; a whole epoch of them is an error, not an endless read.
+
+        Epochs are reshuffled, so a run of unusable records can straddle two epochs that each have a usable one:
+        a run proves an unusable epoch at N records (N per epoch) when nothing usable came before, else at 2N - 1.
+        """
+        self._unusable_in_a_row += 1
+        n = self.records_per_epoch
+        if n and self._unusable_in_a_row >= (2 * n - 1 if self._seen_usable else n):
+            raise errors.NoUsableRecordsError(self.where, self._unusable_in_a_row, self._counter,
+                                              blank=self._totals["blank"])
 
     def get_state(self) -> dict[str, Any]:
         parent = self._carry_state if self._carry is not None else self._parent.get_state()
@@ -426,12 +468,15 @@ class BatchIterator(grain.DatasetIterator):
                              "with the same data settings, or start the data from the beginning")
         self._parent.set_state(state["upstream"])
         self._carry = self._carry_state = None
+        self._unusable_in_a_row = 0
         self._totals = {k: int(state["totals"].get(k, 0)) for k in _TOTALS}
+        self._seen_usable = self._totals["examples"] > 0
         self._counter = BadRecordCounter()
         self._counter.counts.update({k: int(v) for k, v in state.get("skipped", {}).items()})
 
     def stats(self) -> dict[str, Any]:
-        """Running totals since the start of the data: batches, examples, tokens, padding efficiency, skips."""
+        """Running totals since the start of the data: batches, examples, tokens, padding efficiency, skips by
+        reason, blank lines, and the examples (and tokens) cut to max_length."""
         t = self._totals
         return {
             **t,
@@ -465,6 +510,11 @@ def _vision_and_image_token(model_config, image_token_id: int | None):
 
 def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
     """The per-example part of the pipeline (shuffled, sharded, repeated, parsed, with images and tokens)."""
+    return _example_dataset(config, vision)[0]
+
+
+def _example_dataset(config: DataConfig, vision) -> tuple[grain.MapDataset, int]:
+    """(`example_dataset`, this shard's records per epoch)."""
     source, record_format = open_dataset(config.paths, config.format, mode=config.mode,
                                          index_cache=config.index_cache)
     ds = grain.MapDataset.source(source)
@@ -478,6 +528,7 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
         ds = ds[shard.shard_index :: shard.shard_count]
     if len(ds) == 0:
         raise ValueError(f"no records for shard {shard.shard_index} of {shard.shard_count} in {list(config.paths)}")
+    records_per_epoch = len(ds)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
     max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
@@ -486,9 +537,10 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
         min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
+        high_bit_depth=config.high_bit_depth,
     ))
     ds = ds.map(Tokenize(config.tokenizer_dir, config.max_length))
-    return ds
+    return ds, records_per_epoch
 
 
 def build_dataset(config: DataConfig, model_config, *, image_token_id: int | None = None) -> PackAndBatch:
@@ -509,7 +561,8 @@ def build_dataset(config: DataConfig, model_config, *, image_token_id: int | Non
             f"{tok.image_token} as id {tok.image_token_id}; use the checkpoint's own tokenizer"
         )
     spec = batch_spec(config, vision, image_token_id)
-    ds = example_dataset(config, vision).to_iter_dataset(
+    examples, records_per_epoch = _example_dataset(config, vision)
+    ds = examples.to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     )
     if config.num_workers > 0:
@@ -521,14 +574,17 @@ def build_dataset(config: DataConfig, model_config, *, image_token_id: int | Non
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size,
         ))
-    return PackAndBatch(ds, spec, config.on_bad_record, _fingerprint(config))
+    return PackAndBatch(ds, spec, config.on_bad_record, _fingerprint(config), records_per_epoch=records_per_epoch,
+                        where=", ".join(config.paths))
 
 
 def _fingerprint(config: DataConfig) -> dict:
     """The settings a saved iterator state depends on (JSON-able)."""
     shard = config.shard_options()
-    return {
-        "paths": [os.path.abspath(p) for p in config.paths], "mode": config.mode, "seed": config.seed,
+    return {  # files by name and size, not absolute path: a moved data file or workdir resumes
+        "files": [[os.path.basename(p), os.path.getsize(p)] for p in data_files(config.paths)], "mode": config.mode,
+        "format": config.format if isinstance(config.format, str) else repr(config.format),
+        "seed": config.seed,
         "shuffle": config.shuffle, "num_epochs": config.num_epochs, "batch_size": config.batch_size,
         "max_length": config.max_length, "packing": config.packing, "num_workers": config.num_workers,
         "shard": f"{shard.shard_index}/{shard.shard_count}",

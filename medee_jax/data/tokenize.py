@@ -103,11 +103,10 @@ def load_chat_tokenizer(
 
     The chat template comes from the tokenizer (tokenizer_config.json or chat_template.jinja), else from the
     processor's chat_template.json. merge_size defaults to preprocessor_config.json's `merge_size`, else 2.
+    Code shipped in the folder is never run (`load_hf_tokenizer`).
     """
-    import transformers
-
     checkpoint_dir = os.fspath(checkpoint_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+    tokenizer = load_hf_tokenizer(checkpoint_dir)
     chat_template = None
     if not tokenizer.chat_template:
         chat_template = _read_processor_chat_template(checkpoint_dir)
@@ -129,6 +128,27 @@ def load_chat_tokenizer(
         image_suffix=tuple(image_suffix),
         merge_size=merge_size,
     )
+
+
+def load_hf_tokenizer(checkpoint_dir: str | os.PathLike):
+    """Returns the transformers tokenizer of a local folder, never running code the folder ships.
+
+    ``trust_remote_code=False`` (and no network): a folder whose tokenizer_config.json maps the tokenizer to its
+    own Python file is refused with a ValueError instead of transformers asking on the terminal whether to run it.
+    """
+    import transformers
+
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True,
+                                                          trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            raise
+        raise ValueError(f"{checkpoint_dir}: the tokenizer needs Python code shipped in the folder "
+                         "(tokenizer_config.json 'auto_map'); medee_jax never runs checkpoint code "
+                         "(trust_remote_code=False). Use a tokenizer that transformers provides (e.g. the base "
+                         "model's tokenizer.json and tokenizer_config.json without 'auto_map').") from None
 
 
 def _read_processor_chat_template(checkpoint_dir: str) -> str | None:
@@ -156,15 +176,18 @@ def tokenize_conversation(
     max_length: int | None = None,
     on_bad_record: OnBadRecord = "raise",
     counter: BadRecordCounter | None = None,
+    report: dict | None = None,
 ) -> dict[str, np.ndarray] | None:
     """SFT: `{"input_ids": int32 [L], "target_mask": int32 [L]}` with every assistant turn a target.
 
     Give the images' `image_grid_thw` ([n_images, 3], as the image processor returns it) or their token counts
-    (`num_image_tokens`). Returns None for a skipped bad record (on_bad_record="skip").
+    (`num_image_tokens`). Returns None for a skipped bad record (on_bad_record="skip"). `report` (a dict), when
+    given, receives "truncated_tokens": the tokens cut to fit max_length (0 when nothing was cut).
     """
     errors.check_on_bad_record(on_bad_record)
     try:
-        return _tokenize_conversation(conversation, tok, image_grid_thw, num_image_tokens, max_length)
+        return _tokenize_conversation(conversation, tok, image_grid_thw, num_image_tokens, max_length,
+                                      report if report is not None else {})
     except BadRecordError as error:
         errors.handle_bad_record(error, on_bad_record, counter)
         return None
@@ -179,16 +202,19 @@ def tokenize_preference_pair(
     max_length: int | None = None,
     on_bad_record: OnBadRecord = "raise",
     counter: BadRecordCounter | None = None,
+    report: dict | None = None,
 ) -> dict[str, np.ndarray] | None:
     """DPO: `{"chosen_input_ids", "chosen_target_mask", "rejected_input_ids", "rejected_target_mask"}` (int32).
 
     Both sequences start with the same prompt tokens (images expanded once, shared); only the completion is a
     target. With max_length, each completion is cut from the right to max_length − prompt length.
-    Returns None for a skipped bad record (on_bad_record="skip").
+    Returns None for a skipped bad record (on_bad_record="skip"). `report`: as in `tokenize_conversation`
+    (chosen and rejected tokens cut, summed).
     """
     errors.check_on_bad_record(on_bad_record)
     try:
-        return _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length)
+        return _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length,
+                              report if report is not None else {})
     except BadRecordError as error:
         errors.handle_bad_record(error, on_bad_record, counter)
         return None
@@ -323,11 +349,11 @@ def _split_rendered(record, tok: ChatTokenizer, messages: list[dict]) -> list[tu
     return pieces
 
 
-def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_length):
+def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_length, report):
     if conv.plain:  # TRL's standard form: no chat template
         from medee_jax.data.tokenize_plain import tokenize_plain_conversation
 
-        return tokenize_plain_conversation(conv, tok, max_length)
+        return tokenize_plain_conversation(conv, tok, max_length, report)
     _check_text(conv, tok, conv.messages)
     counts = _token_counts(conv, tok, image_grid_thw, num_image_tokens)
     messages = [_template_message(m) for m in conv.messages]
@@ -340,6 +366,7 @@ def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_leng
     target_mask = _expand_mask(np.asarray(ids), np.asarray(mask, dtype=np.int32), tok, counts)
     if not target_mask.any():
         _fail(conv, errors.EMPTY_RESPONSE, "the rendered conversation has no assistant tokens")
+    report["truncated_tokens"] = 0
     if max_length is not None and len(input_ids) > max_length:
         images_end = _image_span_end(tok, input_ids)
         first_target = int(np.argmax(target_mask))
@@ -350,6 +377,7 @@ def _tokenize_conversation(conv, tok, image_grid_thw, num_image_tokens, max_leng
                 f"needs at least {needed} tokens before any answer token fits (images included) but max_length is "
                 f"{max_length}",
             )
+        report["truncated_tokens"] = len(input_ids) - max_length
         input_ids, target_mask = input_ids[:max_length], target_mask[:max_length]
     return {"input_ids": input_ids, "target_mask": target_mask}
 
@@ -366,11 +394,11 @@ def _expand_mask(ids: np.ndarray, mask: np.ndarray, tok: ChatTokenizer, counts: 
     return np.repeat(mask, repeats).astype(np.int32)
 
 
-def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
+def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length, report):
     if pair.plain:  # TRL's standard form: no chat template
         from medee_jax.data.tokenize_plain import plain_pair_pieces
 
-        return _finish_pair(pair, *plain_pair_pieces(pair, tok), max_length)
+        return _finish_pair(pair, *plain_pair_pieces(pair, tok), max_length, report)
     _check_text(pair, tok, [*pair.prompt, Message("assistant", pair.chosen), Message("assistant", pair.rejected)])
     counts = _token_counts(pair, tok, image_grid_thw, num_image_tokens)
     prompt = [_template_message(m) for m in pair.prompt]
@@ -390,11 +418,13 @@ def _tokenize_pair(pair, tok, image_grid_thw, num_image_tokens, max_length):
     rejected_arr = np.asarray(rejected_ids, dtype=np.int32)
     if tok.image_token_id in chosen_arr or tok.image_token_id in rejected_arr:
         _fail(pair, errors.IMAGE_IN_RESPONSE, "an answer renders an image token")
-    return _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length)
+    return _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length, report)
 
 
-def _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length):
-    """The pair's output arrays from its prompt and completion ids, completions cut to fit max_length."""
+def _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length, report):
+    """The pair's output arrays from its prompt and completion ids, completions cut to fit max_length (the tokens
+    cut are counted in ``report["truncated_tokens"]``)."""
+    report["truncated_tokens"] = 0
     if max_length is not None:
         budget = max_length - len(prompt_arr)
         if budget < 1:
@@ -403,6 +433,7 @@ def _finish_pair(pair, prompt_arr, chosen_arr, rejected_arr, max_length):
                 f"the prompt is {len(prompt_arr)} tokens (images included) but max_length is {max_length}",
             )
         if len(chosen_arr) > budget or len(rejected_arr) > budget:
+            report["truncated_tokens"] = max(0, len(chosen_arr) - budget) + max(0, len(rejected_arr) - budget)
             chosen_arr, rejected_arr = chosen_arr[:budget], rejected_arr[:budget]
             if np.array_equal(chosen_arr, rejected_arr):
                 _fail(

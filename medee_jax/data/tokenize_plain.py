@@ -47,8 +47,12 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_plain_conversation(conv: Conversation, tok, max_length: int | None) -> dict[str, np.ndarray]:
-    """{"input_ids", "target_mask"} (int32 [L]) of a plain `Conversation`: (user prompt,) assistant text."""
+def tokenize_plain_conversation(conv: Conversation, tok, max_length: int | None,
+                                report: dict | None = None) -> dict[str, np.ndarray]:
+    """{"input_ids", "target_mask"} (int32 [L]) of a plain `Conversation`: (user prompt,) assistant text. The tokens
+    cut to fit max_length are counted in ``report["truncated_tokens"]``."""
+    report = {} if report is None else report
+    report["truncated_tokens"] = 0
     from medee_jax.data.tokenize import _check_text
 
     *context, answer = conv.messages
@@ -64,6 +68,7 @@ def tokenize_plain_conversation(conv: Conversation, tok, max_length: int | None)
         if start >= max_length:
             _fail(conv, errors.PROMPT_TOO_LONG,
                   f"the prompt is {start} tokens but max_length is {max_length}; no answer token fits")
+        report["truncated_tokens"] = len(input_ids) - max_length
         input_ids, target_mask = input_ids[:max_length], target_mask[:max_length]
     return {"input_ids": input_ids, "target_mask": target_mask}
 

@@ -41,16 +41,19 @@ def from_pretrained(hf_dir, dtype=None, mesh=None, *, param_dtype=None, remat="n
     return model
 
 
-def save_pretrained(model, out_dir, *, dtype=None, max_shard_size="5GB", source_dir=None):
+def save_pretrained(model, out_dir, *, dtype=None, max_shard_size="5GB", source_dir=None, overwrite=False):
     """Writes ``model`` as a transformers checkpoint: safetensors in the hub key layout (sharded with
     ``model.safetensors.index.json`` above ``max_shard_size``), ``config.json``, and the tokenizer/processor files
     of ``source_dir`` (default: the directory ``from_pretrained`` loaded the model from).
 
     ``dtype`` is the stored dtype (default: each parameter's own). The export is written beside ``out_dir`` and
     renamed into place when complete; on failure nothing is left behind and an existing ``out_dir`` is untouched.
-    Returns {"files": [...], "total_size": bytes}.
+    An existing ``out_dir`` is replaced only if medee_jax wrote it and nothing was added since; anything else needs
+    ``overwrite=True`` (the files that were not ours are then named in a warning); never a directory that is or
+    contains ``source_dir`` (``medee_jax.models.export_dir``). Returns {"files": [...], "total_size": bytes}.
     """
     from . import hf
 
     source_dir = source_dir if source_dir is not None else getattr(model, SOURCE_DIR_ATTR, None)
-    return hf.save_weights(model, out_dir, dtype=dtype, max_shard_size=max_shard_size, source_dir=source_dir)
+    return hf.save_weights(model, out_dir, dtype=dtype, max_shard_size=max_shard_size, source_dir=source_dir,
+                           overwrite=overwrite)

@@ -15,13 +15,11 @@ Transforms (torch layout -> ours): ``linear`` transposes [out, in] -> [in, out];
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ from flax import nnx
 
 from . import safetensors_io
 from .config import Qwen25VLConfig
+from .export_dir import DestinationError, atomic_directory  # noqa: F401  (re-exported: the destination rule)
 from .sharding import sharding_for
 
 # (hf key, our path, transform). Text keys use the hub layout; the in-memory layout is normalised to it on read.
@@ -200,10 +199,13 @@ def checkpoint_files(hf_dir: str) -> list[str]:
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = dict(json.load(f)["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
-        files = [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
+        try:
+            files = [safetensors_io.shard_path(hf_dir, name) for name in sorted(set(weight_map.values()), key=str)]
+        except ValueError as e:
+            raise CheckpointError(f"{index}: {e}") from e
         absent = [os.path.basename(p) for p in files if not os.path.isfile(p)]
         if absent:
             raise CheckpointError(f"{index}: names shard files that do not exist: {', '.join(absent)}")
@@ -265,17 +267,24 @@ def plan_import(model: nnx.Module, hf_dir: str):
             plan[key] = (path, layer, tf)
     problems = []
     if missing:
-        problems.append(f"missing ({len(missing)}): {', '.join(missing)}")
+        problems.append(f"missing ({len(missing)}): {_first_few(missing)}")
     if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): {', '.join(sorted(unexpected))}")
+        problems.append(f"unexpected ({len(unexpected)}): {_first_few(sorted(unexpected))}")
     if misshaped:
-        problems.append(f"wrong shape ({len(misshaped)}): {', '.join(misshaped)}")
+        problems.append(f"wrong shape ({len(misshaped)}): {_first_few(misshaped)}")
     if bad_dtype:
-        problems.append(f"unsupported dtype ({len(bad_dtype)}): {', '.join(bad_dtype)}")
+        problems.append(f"unsupported dtype ({len(bad_dtype)}): {_first_few(bad_dtype)}")
     if problems:
         raise CheckpointError(f"{hf_dir}: checkpoint does not match the {cfg.model_type} config "
                               f"(config.json) —\n  " + "\n  ".join(problems))
     return plan, infos
+
+
+def _first_few(names: list[str], limit: int = 20) -> str:
+    """Returns the first ``limit`` names joined, then "... and N more": an error stays readable (a config.json
+    with a million layers used to produce a 528 MB message)."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... and {len(names) - limit} more"
 
 
 def _is_float(name: str) -> bool:
@@ -435,49 +444,13 @@ def copy_sidecar_files(source_dir: str | None, out_dir: str) -> list[str]:
     return copied
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir):
-    """Yields a not-yet-existing staging path; on success it is renamed to ``out_dir``, on failure removed.
-
-    The staging directory lies beside ``out_dir`` (same filesystem, so the rename is atomic). An existing
-    ``out_dir`` is replaced only if it is empty or holds a checkpoint (a ``config.json``); it is swapped out only
-    after the new one is complete, so a failed export never leaves a half-written directory behind.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir}: exists and is not a directory")
-        contents = os.listdir(out_dir)
-        if contents and "config.json" not in contents:
-            raise FileExistsError(f"{out_dir}: exists and is not a checkpoint directory (no config.json); "
-                                  "refusing to replace it")
-    os.makedirs(parent, exist_ok=True)
-    stage_root = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    stage = os.path.join(stage_root, name)
-    try:
-        yield stage
-        if not os.path.isdir(stage):
-            raise RuntimeError(f"{stage}: nothing was written")
-        if os.path.exists(out_dir):
-            old = os.path.join(stage_root, name + ".old")
-            os.rename(out_dir, old)
-            try:
-                os.rename(stage, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-        else:
-            os.rename(stage, out_dir)
-    finally:
-        shutil.rmtree(stage_root, ignore_errors=True)
-
-
 def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_shard_size="5GB",
-                     source_dir: str | None = None) -> dict:
+                     source_dir: str | None = None, overwrite: bool = False, sources=()) -> dict:
     """Writes a transformers checkpoint atomically: safetensors (sharded with an index above ``max_shard_size``),
     config.json and the source's tokenizer/processor files. ``entries`` come from ``export_entries``;
     ``fetch(entry)`` returns that tensor in transformers' layout. Returns {"files": [...], "total_size": bytes}.
+    An existing ``out_dir`` is replaced only under ``export_dir``'s rule (``overwrite``; never a directory that is
+    or contains ``source_dir`` or one of ``sources``).
     """
     limit = parse_size(max_shard_size)
     shards, current, current_bytes = [], [], 0
@@ -493,7 +466,7 @@ def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_s
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     float_dtypes = [np.dtype(e[5]) for e in entries]
-    with atomic_directory(out_dir) as stage:
+    with atomic_directory(out_dir, kind="hf", overwrite=overwrite, sources=(source_dir, *sources)) as stage:
         os.makedirs(stage)
         total, weight_map = 0, {}
         for fname, shard in zip(names, shards):
@@ -512,7 +485,7 @@ def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_s
 
 
 def save_weights(model: nnx.Module, out_dir: str, *, dtype=None, max_shard_size="5GB",
-                 source_dir: str | None = None) -> dict:
+                 source_dir: str | None = None, overwrite: bool = False) -> dict:
     """Exports ``model`` to a transformers checkpoint in ``out_dir`` (see ``write_checkpoint``), one tensor at a
     time from the device arrays (``dtype``: the stored dtype, default each parameter's own)."""
     cfg = model.config
@@ -530,4 +503,5 @@ def save_weights(model: nnx.Module, out_dir: str, *, dtype=None, max_shard_size=
         host = np.asarray(value if layer is None else value[layer])
         return to_hf(host, tf, shape).astype(dt, copy=False)
 
-    return write_checkpoint(out_dir, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=source_dir)
+    return write_checkpoint(out_dir, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=source_dir,
+                            overwrite=overwrite)

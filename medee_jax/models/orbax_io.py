@@ -24,7 +24,9 @@ Peak host memory is about the runtime (~0.25 GB) + 2 x max(largest parameter, ``
 Tensorstore's write buffers), not the model: for the stacked layout the largest parameter is one whole family of
 layers (bench, tools/bench_convert.py: 28 x 1536 x 8960 bf16 = 0.74 GB, measured peak 1.6 GB for a 4.2 GB
 checkpoint; 7B: 28 x 3584 x 18944 = 3.8 GB; 72B: 80 x 8192 x 29568 = 38.8 GB). ``orbax_to_hf`` restores one
-parameter at a time (``partial_restore``) and streams its tensors into safetensors. Both write into a temporary directory beside DST renamed into place at the end.
+parameter at a time (``partial_restore``) and streams its tensors into safetensors. Both write into a temporary
+directory beside DST renamed into place at the end; an existing DST is replaced only if medee_jax wrote it (or with
+``overwrite=True``), never if it is or contains the source (``medee_jax.models.export_dir``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 
 from . import hf
 from .config import Qwen25VLConfig, load_config
+from .export_dir import atomic_directory, check_destination
 
 ITEM = "params"
 _V0_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -109,14 +112,17 @@ def _rename_item(stage: str, old: str) -> None:
         os.remove(indicator)
 
 
-def hf_to_orbax(src: str, dst: str, *, dtype=None, batch_bytes: int = 64 * 2**20) -> dict:
+def hf_to_orbax(src: str, dst: str, *, dtype=None, batch_bytes: int = 64 * 2**20,
+                overwrite: bool = False) -> dict:
     """Converts the transformers checkpoint ``src`` to an Orbax model directory ``dst`` (layout above).
 
-    ``dtype``: stored dtype (e.g. ``jnp.bfloat16``/``np.float32``); default each source tensor's own.
-    Returns {"params": count, "bytes": stored bytes}.
+    ``dtype``: stored dtype (e.g. ``jnp.bfloat16``/``np.float32``); default each source tensor's own. An existing
+    ``dst`` is replaced only under ``export_dir``'s rule (a directory medee_jax wrote, or ``overwrite``; never one
+    that is or contains ``src``). Returns {"params": count, "bytes": stored bytes}.
     """
     ocp = _ocp()
     src = hf.local_checkpoint_dir(src)
+    check_destination(dst, overwrite=overwrite, sources=(src,))  # before reading anything
     cfg = load_config(src)
     model = _abstract(cfg)
     plan, infos = hf.plan_import(model, src)
@@ -135,7 +141,8 @@ def hf_to_orbax(src: str, dst: str, *, dtype=None, batch_bytes: int = 64 * 2**20
         partial = None
 
     n_params = total = 0
-    with hf.atomic_directory(dst) as stage, hf.safetensors_io.Reader(infos) as reader:
+    with atomic_directory(dst, kind="orbax", overwrite=overwrite, sources=(src,)) as stage, \
+            hf.safetensors_io.Reader(infos) as reader:
         batch, batch_size, whole = {}, 0, {}
 
         def flush():
@@ -192,8 +199,9 @@ def _state_item_name(stage: str) -> str:
     return items[0]
 
 
-def save_model(model, dst: str, *, source_dir: str | None = None) -> None:
-    """Saves ``model``'s parameters (as they are, sharded or not) as an Orbax model directory in one save."""
+def save_model(model, dst: str, *, source_dir: str | None = None, overwrite: bool = False) -> None:
+    """Saves ``model``'s parameters (as they are, sharded or not) as an Orbax model directory in one save
+    (``dst`` replaced only under ``export_dir``'s rule, as in ``hf_to_orbax``)."""
     from flax import nnx
 
     from . import SOURCE_DIR_ATTR
@@ -201,7 +209,7 @@ def save_model(model, dst: str, *, source_dir: str | None = None) -> None:
     ocp = _ocp()
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     source_dir = source_dir if source_dir is not None else getattr(model, SOURCE_DIR_ATTR, None)
-    with hf.atomic_directory(dst) as stage:
+    with atomic_directory(dst, kind="orbax", overwrite=overwrite, sources=(source_dir,)) as stage:
         ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
             stage, args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeSave(pure)}))
         _write_config_and_sidecars(model.config, stage, source_dir)
@@ -260,11 +268,13 @@ def _restore_numpy(item: str, path: str, shape, dtype) -> np.ndarray:
     return np.asarray(out)
 
 
-def orbax_to_hf(src: str, dst: str, *, dtype=None, max_shard_size="5GB") -> dict:
+def orbax_to_hf(src: str, dst: str, *, dtype=None, max_shard_size="5GB", overwrite: bool = False) -> dict:
     """Converts an Orbax model directory ``src`` to a transformers checkpoint in ``dst``, one parameter at a time.
 
-    ``dtype``: stored dtype; default each array's stored dtype. Returns ``write_checkpoint``'s summary.
+    ``dtype``: stored dtype; default each array's stored dtype. ``dst`` is replaced only under ``export_dir``'s
+    rule (as in ``hf_to_orbax``). Returns ``write_checkpoint``'s summary.
     """
+    check_destination(dst, overwrite=overwrite, sources=(src,))  # before reading anything
     cfg, stored = check_orbax_dir(src)
     item = os.path.join(os.path.abspath(src), ITEM)
     shapes = {p: tuple(m.shape) for p, m in stored.items()}
@@ -281,7 +291,8 @@ def orbax_to_hf(src: str, dst: str, *, dtype=None, max_shard_size="5GB") -> dict
         return hf.to_hf(value if layer is None else value[layer], tf, shape).astype(dt, copy=False)
 
     try:
-        return hf.write_checkpoint(dst, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=src)
+        return hf.write_checkpoint(dst, cfg, entries, fetch, max_shard_size=max_shard_size, source_dir=src,
+                                   overwrite=overwrite)
     finally:
         current.clear()
 

@@ -83,21 +83,82 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + n
+    data_bytes = size - data_start
     infos = {}
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            begin, end = _offset(begin), _offset(end)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed header entry for tensor {name!r}: {entry!r}") from e
+        if not 0 <= begin <= end <= data_bytes:
+            raise ValueError(f"{path}: tensor {name!r} lies outside the file (offsets {begin}..{end} of a "
+                             f"{data_bytes}-byte data block; truncated file?)")
         if dtype in DTYPES:
             expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
             if end - begin != expected:
                 raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes, "
                                  f"{dtype}{list(shape)} needs {expected}")
-        if not 0 <= begin <= end <= size - data_start:
-            raise ValueError(f"{path}: tensor {name!r} lies outside the file (offsets {begin}..{end}; truncated file?)")
         infos[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+    _check_layout(path, infos, data_start, data_bytes)
     return infos, metadata
+
+
+def _offset(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"offset {value!r} is not an integer")
+    return value
+
+
+def _check_layout(path: str, infos: dict[str, TensorInfo], data_start: int, data_bytes: int) -> None:
+    """Raises ValueError unless the tensors tile the data block exactly: sorted by offset, each starts where the
+    previous one ends (the first at 0) and the last ends at the end of the file — the rule of the safetensors
+    library, which refuses overlapping tensors (two names reading the same bytes), gaps and trailing bytes."""
+    position = 0
+    previous = None
+    for info in sorted(infos.values(), key=lambda i: (i.start, i.start + i.nbytes)):
+        begin = info.start - data_start
+        if begin < position:
+            raise ValueError(f"{path}: tensors {previous!r} and {info.name!r} overlap (offsets "
+                             f"{begin}..{begin + info.nbytes} start before {position}); not a valid safetensors file")
+        if begin > position:
+            raise ValueError(f"{path}: tensor offsets are not contiguous ({info.name!r} starts at {begin}, the "
+                             f"previous tensor ends at {position}); not a valid safetensors file")
+        position, previous = begin + info.nbytes, info.name
+    if position != data_bytes:
+        raise ValueError(f"{path}: {data_bytes - position} bytes after the last tensor (the header accounts for "
+                         f"{position} of {data_bytes} data bytes); not a valid safetensors file")
+
+
+def shard_path(folder: str, name) -> str:
+    """Returns the path of shard ``name`` (from a ``model.safetensors.index.json``) inside ``folder``.
+
+    Raises ValueError when the name could read a file outside the folder: not a string, an absolute path, a
+    ``..`` component, or a path that resolves (through a symlinked file or directory) outside the folder. One
+    exception keeps huggingface_hub's cache working: there ``snapshots/<rev>/<file>`` is a symlink to
+    ``../../blobs/<sha>``, so a link into the ``blobs`` folder two levels above ``folder`` is accepted.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"shard name {name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts:
+        raise ValueError(f"shard name {name!r} points outside the checkpoint folder {folder}")
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    real = os.path.realpath(path)
+    if _inside(real, root):
+        return path
+    snapshots = os.path.dirname(root)
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    if len(parts) == 1 and os.path.basename(snapshots) == "snapshots" \
+            and _inside(real, blobs):
+        return path  # huggingface_hub cache: snapshots/<rev>/<file> -> ../../blobs/<sha>
+    raise ValueError(f"shard name {name!r} resolves (through a symlink) to {real}, outside the checkpoint folder "
+                     f"{folder}; copy the shard into the folder")
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def read_tensor(info: TensorInfo, file=None, rows: tuple[int, int] | None = None) -> np.ndarray:

@@ -8,14 +8,18 @@ have images gets an empty vision input (zero patches, every feature row dropped)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 import jax
 import numpy as np
 
 from ..data import pipeline
+from ..data.dataset_files import data_files
 from ..data.processor_config import resolve_image_bounds
 from ..models.vision_layout import vision_layout
+from . import identity
 from .mesh import local_data_shards, stack_shards, to_global
 
 log = logging.getLogger("medee_jax.train")
@@ -119,12 +123,22 @@ def common_shapes(batches: list[dict]) -> tuple[int, int | None]:
     return length, (max(with_images) if with_images else None)
 
 
+# DataConfig fields a batch count does not depend on (they change speed, not batches).
+_COUNT_INDEPENDENT = ("paths", "tokenizer_dir", "num_epochs", "num_workers", "worker_buffer_size", "read_threads",
+                      "read_buffer_size", "index_cache")
+CENSUS_VERSION = 1
+
+
 class BatchSource:
-    """This process's input iterator for one split, yielding stacked per-shard batches [S_local, ...]."""
+    """This process's input iterator for one split, yielding stacked per-shard batches [S_local, ...].
+
+    ``cache_dir``: where ``census()`` keeps its counts between starts (None: not kept).
+    """
 
     def __init__(self, data, split: str, config, model_cfg, mesh, *, path: str | None = None,
-                 shuffle: bool | None = None, num_epochs: int | None | str = "default"):
+                 shuffle: bool | None = None, num_epochs: int | None | str = "default", cache_dir: str | None = None):
         self.split = split
+        self.cache_dir = cache_dir
         self.mesh = mesh
         self.model_cfg = model_cfg
         self.shards = local_data_shards(mesh)
@@ -140,6 +154,9 @@ class BatchSource:
                                                  d.max_pixels, d.get("min_tiles", 0), d.get("max_tiles", 0))
         if split == "train":
             log.info("%s", self.image_bounds.description)
+        media_root = data.media_root
+        if split == "eval":
+            media_root = getattr(data, "eval_media_root", "") or media_root
         self.data_config = pipeline.DataConfig(
             paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
             max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
@@ -147,12 +164,13 @@ class BatchSource:
             shuffle=shuffle, num_epochs=num_epochs,
             num_workers=d.num_workers, min_pixels=self.image_bounds.min_pixels,
             max_pixels=self.image_bounds.max_pixels, format=d.get("format", "auto"),
-            image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
-            media_root=data.media_root or None,
+            image_max_pixels=d.image_max_pixels, high_bit_depth=d.high_bit_depth, on_bad_record=d.on_bad_record,
+            media_root=media_root or None,
             share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))
         self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)
         self._iterator = None
         self._batches_per_epoch = None
+        self._census = None
 
     @property
     def iterator(self):
@@ -160,12 +178,50 @@ class BatchSource:
             self._iterator = pipeline.make_iterator(self.data_config, self.model_cfg)
         return self._iterator
 
+    def census(self) -> dict:
+        """Returns one epoch of this process's share of the split as the pipeline reads it: "batches", "examples",
+        "skipped" {reason: count}, "skipped_total", "blank", "truncated_examples", "truncated_tokens".
+
+        Counted exactly by a dry pass through the whole pipeline (parsing, images, tokens, packing), then kept in
+        ``cache_dir`` under a key of the data files' identities (path, size, mtime), the tokenizer files, the model's
+        vision settings and every data setting a count depends on: a later start with the same data and settings
+        reads nothing (image files edited in place without touching the data file are not noticed). A split with no
+        usable record raises ``NoUsableRecordsError`` naming the skip counts.
+        """
+        if self._census is None:
+            path = self._census_path()
+            census = identity.read_json(path) if path else None
+            if census is None:
+                once = pipeline.make_iterator(self.data_config.with_updates(num_epochs=1), self.model_cfg)
+                batches = sum(1 for _ in once)
+                stats = once.stats()
+                census = {"batches": batches, **{k: stats[k] for k in (
+                    "examples", "skipped", "skipped_total", "blank", "truncated_examples", "truncated_tokens")}}
+                if path:
+                    identity.write_json(path, census)
+            self._census = census
+        return self._census
+
+    def _census_path(self) -> str | None:
+        if not self.cache_dir:
+            return None
+        d = self.data_config
+        shard = d.shard_options()
+        key = {
+            "version": CENSUS_VERSION,
+            "files": [identity.file_identity(p) for p in data_files(d.paths)],
+            "tokenizer": identity.tokenizer_identity(d.tokenizer_dir),
+            "settings": {k: v for k, v in dataclasses.asdict(d).items() if k not in _COUNT_INDEPENDENT},
+            "shard": [shard.shard_index, shard.shard_count],
+            "vision": repr(self.model_cfg.vision), "image_token_id": int(self.model_cfg.image_token_id),
+        }
+        return os.path.join(self.cache_dir, f"census-{self.split}-{identity.digest(key)}.json")
+
     @property
     def batches_per_epoch(self) -> int:
-        """Returns the number of steps' worth of stacked batches one epoch gives (counted by a dry pass)."""
+        """Returns the number of steps' worth of stacked batches one epoch gives (``census``)."""
         if self._batches_per_epoch is None:
-            once = pipeline.make_iterator(self.data_config.with_updates(num_epochs=1), self.model_cfg)
-            count = sum(1 for _ in once)
+            count = self.census()["batches"]
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
                 count = int(np.min(multihost_utils.process_allgather(np.array([count]))))
@@ -175,6 +231,10 @@ class BatchSource:
     def reset(self) -> None:
         """Starts the split again from its beginning (used for evaluation passes)."""
         self._iterator = None
+
+    def stats(self) -> dict | None:
+        """Returns the live iterator's running statistics (``BatchIterator.stats``), None before it started."""
+        return None if self._iterator is None else self._iterator.stats()
 
     def get_state(self):
         return self.iterator.get_state()

@@ -3,8 +3,10 @@
 Layout under ``workdir/checkpoints/<step>/``:
   ``state/``  the train state pytree: trainable ``params``, ``frozen`` params, ``opt_state``, ``step``, counters;
   ``data/``   one JSON file per process with its input iterator's state (grain's checkpoint handler).
-``workdir/model_config.json`` holds the model's config.json so a later stage can rebuild the model
-(``--config.model.init_from=<workdir>`` makes a Stage-I run the Stage-II policy and reference).
+and in its metadata (``_CHECKPOINT_METADATA``'s custom metadata) the run config it was saved under, so a resume
+can say which settings changed. ``workdir/model_config.json`` holds the model's config.json so a later stage can
+rebuild the model (``--config.model.init_from=<workdir>`` makes a Stage-I run the Stage-II policy and reference).
+Nothing in a checkpoint names an absolute path: a copied or moved workdir resumes.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ class RunCheckpointer:
     """Saves and restores a run's state and data-iterator state with an Orbax CheckpointManager."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        """``keep``: the newest checkpoints kept (-1: all). 0 would delete every checkpoint, the final one too."""
+        if keep == 0 or keep < -1:
+            raise ValueError(f"train.keep_checkpoints={keep}: must be >= 1 (or -1 to keep every checkpoint)")
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if keep == -1 else keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data"))
@@ -58,13 +63,23 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, iterator_state, *, force: bool = False) -> bool:
-        """Starts saving ``state`` and the iterator state (captured now) at ``step``; returns whether it saved."""
+    def save(self, step: int, state: dict, iterator_state, *, force: bool = False, config: dict | None = None) -> bool:
+        """Starts saving ``state`` and the iterator state (captured now) at ``step``; returns whether it saved.
+        ``config``: the run config (JSON data) stored in the checkpoint's metadata."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain_checkpoint.CheckpointSave(IteratorSnapshot(iterator_state)),
         )
-        return self.manager.save(step, args=args, force=force)
+        metadata = {"config": config} if config is not None else None
+        return self.manager.save(step, args=args, force=force, custom_metadata=metadata)
+
+    def saved_config(self, step: int) -> dict | None:
+        """Returns the run config stored with checkpoint ``step`` (None for a checkpoint saved without one)."""
+        try:
+            metadata = self.manager.metadata(step).custom_metadata or {}
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+        return metadata.get("config")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, object]:
         """Returns (state placed like ``abstract_state``'s shardings, the iterator state) of checkpoint ``step``."""

@@ -7,9 +7,9 @@ import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +18,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ..models import config as model_config
+from ..data.errors import NoUsableRecordsError
+from ..models.export_dir import DestinationError, check_destination
 from ..models.qwen2_5_vl import Qwen25VL
 from . import checkpoint as ckpt
 from . import metrics as metrics_lib
 from . import steps
 from .batches import BatchSource
 from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed, replicated
+from .preemption import Interrupted, Preemption
 from .setup import build_model, resolve_data, validate_config
+from .workdir import changed_fields, config_dict, lock_workdir, save_start_config
 
 log = logging.getLogger("medee_jax.train")
 
@@ -41,28 +44,7 @@ class RunResult:
     final_metrics: dict
     eval_metrics: dict
     stopped: str  # "done" | "preempted" | "nonfinite"
-
-
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks at step boundaries."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    data: dict = dataclasses.field(default_factory=dict)  # per split: records used, skipped by reason, truncated
 
 
 def _step_options(config) -> steps.StepOptions:
@@ -103,7 +85,11 @@ def _global_norms(micro_batches: list[dict], mode: str) -> dict:
 
 
 class Trainer:
-    """Builds everything a run needs from its config; ``run()`` trains and returns a RunResult."""
+    """Builds everything a run needs from its config; ``run()`` trains and returns a RunResult.
+
+    The workdir is locked from here until ``run()`` returns (or ``close()``): a second run on it is refused with the
+    holder's pid and host. The config is written to the workdir only once the model and the data passed every check.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
         self.config = config
@@ -113,14 +99,25 @@ class Trainer:
         self.is_chief = jax.process_index() == 0
         self.mesh = make_mesh(dict(config.mesh))
         os.makedirs(self.workdir, exist_ok=True)
-        if self.is_chief:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        self._lock = lock_workdir(self.workdir, is_chief=self.is_chief)
+        self._release = weakref.finalize(self, self._lock.release) if self._lock else None
+        self.stop_signal = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
         self.data = resolve_data(config, self.workdir)
+        if config.train.export_hf:  # refuse now, not after training, an export directory that is not ours
+            try:
+                check_destination(os.path.join(self.workdir, "hf"), sources=(self.data.tokenizer_dir,))
+            except DestinationError as e:
+                raise DestinationError(f"train.export_hf: {e} For a training run: move that directory away (or "
+                                       "remove the files named) before starting.") from None
         self.model = build_model(config, self.mesh, self.data)
-        if self.is_chief:
-            with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
-                json.dump(self.model.config.to_hf_dict(), f, indent=2)
         self.opts = _step_options(config)
         if label_smoothing_note(config):
             log.info("%s", label_smoothing_note(config))
@@ -130,10 +127,22 @@ class Trainer:
         self.frozen = frozen.to_pure_dict()
         if config.mode == "dpo" and config.dpo.reference == "precomputed":
             self._use_precomputed_reference()
-        self.train_source = BatchSource(self.data, "train", config, self.model.config, self.mesh)
-        self.eval_source = BatchSource(self.data, "eval", config, self.model.config, self.mesh) \
+        cache = os.path.join(self.workdir, "cache")
+        self.train_source = BatchSource(self.data, "train", config, self.model.config, self.mesh, cache_dir=cache)
+        self.eval_source = BatchSource(self.data, "eval", config, self.model.config, self.mesh, cache_dir=cache) \
             if self.data.eval_path else None
+        self.census = self._check_data()
         self.total_steps = self._total_steps()
+        self.config_file = None
+        if self.is_chief:  # every check passed: this start's config describes what it trains
+            self.config_file = save_start_config(self.workdir, config)
+            with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
+                json.dump(self.model.config.to_hf_dict(), f, indent=2)
+
+    def close(self) -> None:
+        """Releases the workdir lock (``run()`` does it when it returns); safe to call twice."""
+        if self._release is not None:
+            self._release()
 
     def _use_precomputed_reference(self) -> None:
         """Annotates the train (and eval) data with the initial policy's log-probs, then trains on that copy."""
@@ -143,9 +152,37 @@ class Trainer:
         for split, path in (("train", self.data.train_path), ("eval", self.data.eval_path)):
             if path and not reference.has_reference_logps(path):
                 updates[f"{split}_path"] = reference.precompute(self, split)
-        if updates and not self.data.media_root:  # image paths stay relative to the original data file
-            updates["media_root"] = os.path.dirname(os.path.abspath(self.data.train_path))
+        # Image paths stay relative to each original data file's own folder (unless media roots are configured).
+        if updates and not self.data.media_root:
+            if "train_path" in updates:
+                updates["media_root"] = os.path.dirname(os.path.abspath(self.data.train_path))
+            if self.data.eval_path and not self.data.eval_media_root:
+                updates["eval_media_root"] = os.path.dirname(os.path.abspath(self.data.eval_path))
         self.data = dataclasses.replace(self.data, **updates)
+
+    def _check_data(self) -> dict:
+        """Counts one epoch of each split when the run needs it (a step count from the data, a bad-record limit,
+        an eval split): a split without a usable record, or with more bad records than data.max_bad_fraction, is
+        an error naming the counts by reason. Returns {split: census}; counts are cached per data file."""
+        c = self.config
+        out = {}
+        sources = [("train", self.train_source, c.train.steps == -1 or c.data.max_bad_fraction < 1),
+                   ("eval", self.eval_source, self.eval_source is not None)]
+        for split, source, needed in sources:
+            if not needed:
+                continue
+            path = getattr(self.data, f"{split}_path")
+            try:
+                census = source.census()
+            except NoUsableRecordsError as e:
+                raise ValueError(f"data.{split}: {e}") from None
+            read = census["examples"] + census["skipped_total"]
+            if read and census["skipped_total"] / read > c.data.max_bad_fraction:
+                raise ValueError(f"data.{split}={path}: {census['skipped_total']} of {read} records are bad "
+                                 f"({census['skipped_total'] / read:.1%}), more than data.max_bad_fraction="
+                                 f"{c.data.max_bad_fraction}: {_reasons(census['skipped'])}")
+            out[split] = census
+        return out
 
     def _total_steps(self) -> int:
         c = self.config
@@ -153,9 +190,11 @@ class Trainer:
             return int(c.train.steps)
         per_step = self.train_source.batches_per_epoch // c.data.grad_accum_steps
         if per_step < 1:
-            raise ValueError(f"{self.data.train_path}: too few records for one optimizer step with "
-                             f"data.batch_size={c.data.batch_size} x data.grad_accum_steps={c.data.grad_accum_steps}"
-                             f" x {local_data_shards(self.mesh)} shards")
+            census = self.census["train"]
+            raise ValueError(f"{self.data.train_path}: {census['examples']} usable records ({census['skipped_total']}"
+                             f" skipped{': ' + _reasons(census['skipped']) if census['skipped_total'] else ''}) make "
+                             f"fewer batches than one optimizer step needs: data.batch_size={c.data.batch_size} x "
+                             f"data.grad_accum_steps={c.data.grad_accum_steps} x {local_data_shards(self.mesh)} shards")
         return per_step * c.data.num_epochs
 
     def _init_state(self):
@@ -183,33 +222,75 @@ class Trainer:
         return state, optimizer, schedule
 
     def run(self) -> RunResult:
+        """Trains to ``total_steps`` (resuming from the workdir's latest checkpoint) and returns the result; releases
+        the workdir lock when it returns."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _restore(self, checkpointer: ckpt.RunCheckpointer, state: dict) -> int:
+        """Restores the latest checkpoint into ``state`` (and the data position unless data.reset_iterator);
+        warns, naming them, about settings that differ from those the checkpoint was saved under."""
+        c = self.config
+        start = checkpointer.latest_step()
+        if start is None:
+            return 0
+        restorable = {k: v for k, v in state.items() if k != "ref"}
+        restored, iterator_state = checkpointer.restore(start, ckpt.abstract_like(restorable))
+        state.update(restored)
+        saved = checkpointer.saved_config(start)
+        changes = changed_fields(saved, config_dict(c)) if saved is not None else []
+        if changes and self.is_chief:
+            log.warning("resuming from step %d with settings that differ from the checkpoint's:\n  %s", start,
+                        "\n  ".join(changes))
+        if c.data.reset_iterator:
+            log.warning("data.reset_iterator: weights and optimizer state of step %d, data from its beginning", start)
+        else:
+            try:
+                self.train_source.set_state(iterator_state)
+            except ValueError as e:
+                raise ValueError(f"{checkpointer.directory}/{start}: {e}. To keep the weights and optimizer state and "
+                                 "start the data from its beginning, set data.reset_iterator=True") from None
+        log.info("resumed from %s at step %d", checkpointer.directory, start)
+        return int(start)
+
+    def _run(self) -> RunResult:
         c = self.config
         state, optimizer, schedule = self._init_state()
         shardings = jax.tree.map(lambda x: x.sharding, state)
         checkpointer = ckpt.RunCheckpointer(self.workdir, keep=c.train.keep_checkpoints,
                                             async_save=c.train.async_checkpointing)
-        start = checkpointer.latest_step()
-        if start is not None:
-            restorable = {k: v for k, v in state.items() if k != "ref"}
-            restored, iterator_state = checkpointer.restore(start, ckpt.abstract_like(restorable))
-            state.update(restored)
-            self.train_source.set_state(iterator_state)
-            log.info("resumed from %s at step %d", checkpointer.directory, start)
-        start = int(start or 0)
+        saved_config = config_dict(c)
 
+        def save(step, iterator_state):
+            if checkpointer.latest_step() != step:
+                checkpointer.save(step, {k: v for k, v in state.items() if k != "ref"}, iterator_state, force=True,
+                                  config=saved_config)
+
+        start = self._restore(checkpointer, state)
         step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings, c.optimizer.max_grad_norm)
 
         flops_per_token = metrics_lib.flops_per_token(
             self.model.config.text, seq_len=c.data.max_length,
             mode="dpo_frozen_ref" if self.opts.reference == "frozen" else "sft")
         peak = metrics_lib.peak_flops_per_device(c.train.peak_flops_per_device or None)
-        logger = metrics_lib.MetricsLogger(self.workdir, total_steps=self.total_steps, is_chief=self.is_chief)
+        logger = metrics_lib.MetricsLogger(self.workdir, total_steps=self.total_steps, is_chief=self.is_chief,
+                                           resume_step=start)
         stopped, last_metrics, eval_metrics = "done", {}, {}
         step = start
         with Preemption() as preemption:
             while step < self.total_steps:
                 t0 = time.perf_counter()
-                micro = [self.train_source.next_local() for _ in range(c.data.grad_accum_steps)]
+                position = self.train_source.get_state()  # where the data stands before this step
+                try:
+                    with preemption.loading():
+                        micro = [self.train_source.next_local() for _ in range(c.data.grad_accum_steps)]
+                except Interrupted:
+                    if step > 0:
+                        save(step, position)
+                    stopped = "preempted"
+                    break
                 norms = _global_norms(micro, c.mode)
                 acc = step_fns.accumulate_first(state, self.train_source.to_device(micro[0]), norms)
                 for batch in micro[1:]:
@@ -235,16 +316,16 @@ class Trainer:
                     eval_metrics = self.evaluate(state)
                     logger.log(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                 if step % c.train.checkpoint_every == 0 or preemption.requested:
-                    checkpointer.save(step, {k: v for k, v in state.items() if k != "ref"},
-                                      self.train_source.get_state(), force=True)
+                    save(step, self.train_source.get_state())
                 if preemption.requested:
                     stopped = "preempted"
-                    log.warning("SIGTERM: saved a checkpoint at step %d and stopping", step)
                     break
+        if stopped == "preempted":
+            self.stop_signal = preemption.requested
+            log.warning("%s: %s at step %d and stopping", preemption.requested,
+                        "saved a checkpoint" if checkpointer.latest_step() == step else "nothing to save", step)
         if stopped == "done":
-            if checkpointer.latest_step() != step:
-                checkpointer.save(step, {k: v for k, v in state.items() if k != "ref"},
-                                  self.train_source.get_state(), force=True)
+            save(step, self.train_source.get_state())
             if self.eval_source is not None:
                 eval_metrics = self.evaluate(state)
                 logger.log(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
@@ -253,11 +334,26 @@ class Trainer:
         self.state = state
         if stopped == "done" and c.train.export_hf:
             self.export_hf(state)
-        result = RunResult(self.workdir, step, last_metrics, eval_metrics, stopped)
+        result = RunResult(self.workdir, step, last_metrics, eval_metrics, stopped, self.data_report())
         if self.is_chief:
             with open(os.path.join(self.workdir, "result.json"), "w") as f:
                 json.dump(dataclasses.asdict(result), f, indent=2, default=float)
         return result
+
+    def data_report(self) -> dict:
+        """Returns per split what the data gave: "train" counts what this run's data stream read (since the data
+        began, across resumes): examples used, records skipped by reason, blank lines, examples and tokens cut to
+        max_length; "train_epoch" / "eval" count one whole epoch of the file (when it was counted)."""
+        keys = ("examples", "skipped", "skipped_total", "blank", "truncated_examples", "truncated_tokens")
+        out = {}
+        stats = self.train_source.stats()
+        if stats is not None:
+            out["train"] = {k: stats[k] for k in keys}
+        if "train" in self.census:
+            out["train_epoch"] = {k: self.census["train"][k] for k in keys}
+        if "eval" in self.census:
+            out["eval"] = {k: self.census["eval"][k] for k in keys}
+        return out
 
     def merged_model(self, state) -> Qwen25VL:
         """Returns the NNX model with the state's current parameters."""
@@ -309,14 +405,39 @@ def _eval_fn(graphdef, opts: steps.StepOptions):
     return jax.jit(fn)
 
 
+def _reasons(skipped: dict) -> str:
+    """Returns "reason: count, ..." most frequent first."""
+    return ", ".join(f"{r}: {n}" for r, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def describe_data(report: dict) -> list[str]:
+    """Returns one line per split of ``RunResult.data``: records used, skipped by reason, truncated."""
+    names = {"train": "train data read", "train_epoch": "train file (one epoch)", "eval": "eval file"}
+    lines = []
+    for split, r in report.items():
+        if split == "train_epoch" and r == report.get("train"):
+            continue  # the run read exactly one epoch: the same line twice
+        line = f"{names.get(split, split)}: {r['examples']} records used, {r['skipped_total']} skipped"
+        if r["skipped_total"]:
+            line += f" ({_reasons(r['skipped'])})"
+        if r.get("blank"):
+            line += f", {r['blank']} blank lines"
+        line += f", {r['truncated_examples']} cut to data.max_length ({r['truncated_tokens']} tokens)"
+        lines.append(line)
+    return lines
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> RunResult:
     """Runs one training job end to end and returns its result."""
     trainer = Trainer(config, workdir)
     result = trainer.run()
-    where = {"done": "finished", "preempted": "stopped on SIGTERM", "nonfinite": "stopped on non-finite steps"}
+    where = {"done": "finished", "preempted": f"stopped on {trainer.stop_signal or 'a stop signal'}",
+             "nonfinite": "stopped on non-finite steps"}
     print(f"{config.mode}: {where[result.stopped]} at step {result.steps}; workdir {result.workdir} "
           f"(checkpoints/, metrics.jsonl, tensorboard/" + (", hf/" if config.train.export_hf else "") + ")",
           file=sys.stderr)
+    for line in describe_data(result.data):
+        print(line, file=sys.stderr)
     if result.eval_metrics:
         print("held-out: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.eval_metrics.items())),
               file=sys.stderr)

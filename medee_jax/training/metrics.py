@@ -102,14 +102,20 @@ def _summary_value(tag: str, value: float) -> bytes:
     return _len_field(1, tag.encode("utf-8")) + _key(2, _FIXED32) + as_f32
 
 
+SESSION_START = 1  # SessionLog.SessionStatus.START
+
+
 def encode_event(*, wall_time: float, step: int = 0, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-    """Returns a serialized ``Event`` (wall_time = 1, step = 2, file_version = 3, summary = 5)."""
+                 scalars: Mapping[str, float] | None = None, session_status: int | None = None) -> bytes:
+    """Returns a serialized ``Event`` (wall_time = 1, step = 2, file_version = 3, summary = 5, session_log = 7
+    holding ``SessionLog { status = 1 }``)."""
     out = _key(1, _FIXED64) + struct.pack("<d", wall_time)
     if step:
         out += _key(2, _VARINT) + _varint(int(step))
     if file_version is not None:
         out += _len_field(3, file_version.encode("utf-8"))
+    if session_status is not None:
+        out += _len_field(7, _key(1, _VARINT) + _varint(session_status))
     if scalars:
         summary = b"".join(_len_field(1, _summary_value(tag, v)) for tag, v in scalars.items())  # Summary.value = 1
         out += _len_field(5, summary)
@@ -139,6 +145,11 @@ class EventFileWriter:
         if self._file is None:
             raise ValueError(f"{self.path}: event file writer is closed")
         self._file.write(tfrecord_frame(event))
+
+    def restart_at(self, step: int) -> None:
+        """Records a restart from ``step``: TensorBoard then drops the events of earlier files at steps >= it
+        (a SessionLog START event), so steps logged again after a resume are not shown twice."""
+        self._write(encode_event(wall_time=time.time(), step=step, session_status=SESSION_START))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """Records one scalar (stored as float32) at ``step``."""
@@ -236,13 +247,18 @@ class MetricsLogger:
     is not counted. On a TTY the line is rewritten in place with a carriage return; otherwise (CI, log files) a
     plain line is printed at the first log, then at most every ``plain_interval_s`` seconds, and at the last step.
     Non-finite values are written to JSON as the strings "nan", "inf", "-inf" (``float()`` reads them back) and
-    ``None`` as null; TensorBoard receives every numeric value.
+    ``None`` as null; TensorBoard receives every numeric value. A record whose metrics are all ``eval/...`` prints an
+    "eval at step N: ..." line instead of the progress line.
+
+    ``resume_step``: the step a run restarts from (its restored checkpoint; 0 for a restart from scratch). Records of
+    later steps, written by the interrupted run and about to be logged again, are removed from metrics.jsonl, and
+    TensorBoard is told to drop them (``EventFileWriter.restart_at``).
     """
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, is_chief: bool = True,
                  use_tensorboard: bool = True, console: bool = True, stream: TextIO | None = None,
                  plain_interval_s: float = 30.0, window: int = 20,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, resume_step: int | None = None):
         self.workdir = os.fspath(workdir)
         self.total_steps = int(total_steps)
         self.is_chief = bool(is_chief)
@@ -263,9 +279,16 @@ class MetricsLogger:
         self._events: EventFileWriter | None = None
         if self.is_chief:
             os.makedirs(self.workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(self.workdir, "metrics.jsonl")
+            if resume_step is not None:
+                drop_records_after(path, int(resume_step))
+            self._jsonl = open(path, "a", encoding="utf-8")
             if use_tensorboard:
                 self._events = EventFileWriter(os.path.join(self.workdir, "tensorboard"))
+                if resume_step is not None:
+                    self._events.restart_at(int(resume_step) + 1)
+            if resume_step:
+                self._last_step = int(resume_step)
 
     # -- timing ---------------------------------------------------------------------------------------------------
 
@@ -302,6 +325,10 @@ class MetricsLogger:
         if self._events is not None:
             self._events.scalars(numeric, step)
             self._events.flush()
+        if metrics and all(k.startswith("eval/") for k in metrics):
+            if self.console:
+                self._show_eval(step, numeric)
+            return
 
         loss = _find(numeric, LOSS_KEYS)
         if loss is not None:
@@ -360,6 +387,15 @@ class MetricsLogger:
         self._last_print = now
         out.flush()
 
+    def _show_eval(self, step: int, numeric: Mapping[str, float]) -> None:
+        out = self._out()
+        if self._open_tty_line:
+            out.write("\n")
+            self._open_tty_line = False
+        values = " | ".join(f"{k[len('eval/'):]} {_fmt_num(v, '.4f')}" for k, v in numeric.items())
+        out.write(f"eval at step {step}: {values}\n")
+        out.flush()
+
     def summary(self) -> str:
         """Returns a one-line summary: steps done, wall time, final loss, mean tokens/s and step time."""
         elapsed = self._clock() - self._start
@@ -386,6 +422,31 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def drop_records_after(path: str, step: int) -> int:
+    """Rewrites the JSONL file ``path`` without its records of steps after ``step`` (and any line that is not a
+    complete JSON record, such as the half-written last line of a killed process); returns the lines dropped."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record["step"]) <= step
+            except (ValueError, TypeError, KeyError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 # ----------------------------------------------------------------------------------------------------------------

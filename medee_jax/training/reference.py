@@ -6,6 +6,12 @@ and the input pipeline turns the two fields into the batch's ``ref_logps`` — f
 reference's image features need no weights once its log-probs are known. Records the pipeline skipped stay as
 they were (they are skipped again). The file is written to a temporary name and renamed when complete, so a run
 interrupted during the pass recomputes it on restart.
+
+``workdir/reference/<name>.key.json`` records what the log-probs depend on: the data file (path, size, mtime), the
+initial model (its checkpoint files, or the init_from run's latest checkpoint, or the embedded model's seed), the
+tokenizer files and the settings that change log-probs (mode, max_length, image sizes and scaling, image folder,
+dtypes). The file is reused only while that key is unchanged: new or edited data, another model or other settings
+recompute it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import os
 import jax
 import numpy as np
 
-from . import steps
+from . import identity, steps
 from .batches import BatchSource
 
 log = logging.getLogger("medee_jax.train")
@@ -88,21 +94,49 @@ def write_with_reference(data_path: str, results: dict, out_path: str) -> int:
     return annotated
 
 
+def reference_key(trainer, split: str, data_path: str) -> dict:
+    """Returns what ``split``'s reference log-probs depend on (see the module docstring), as JSON data."""
+    c, d = trainer.config, trainer.config.data
+    source = BatchSource(trainer.data, split, trainer.config, trainer.model.config, trainer.mesh, path=data_path,
+                         shuffle=False, num_epochs=1)
+    p = source.data_config
+    return {
+        "data": identity.file_identity(data_path),
+        "model": identity.model_identity(c),
+        "tokenizer": identity.tokenizer_identity(trainer.data.tokenizer_dir),
+        "settings": {"mode": c.mode, "max_length": d.max_length, "min_pixels": d.min_pixels,
+                     "max_pixels": d.max_pixels, "image_max_pixels": d.image_max_pixels,
+                     "high_bit_depth": d.high_bit_depth, "media_root": p.media_root, "dtype": c.model.dtype,
+                     "param_dtype": c.model.param_dtype, "train_vision": c.model.train_vision,
+                     "train_projector": c.model.train_projector},
+    }
+
+
 def precompute(trainer, split: str) -> str:
-    """Returns the path of ``split``'s data annotated with reference log-probs, computing it if needed."""
+    """Returns the path of ``split``'s data annotated with reference log-probs, computing it unless a file made
+    from the same data, model and settings (``reference_key``) is already there."""
     data_path = trainer.data.train_path if split == "train" else trainer.data.eval_path
     if not data_path.endswith(".jsonl"):
         raise ValueError(f"{data_path}: dpo.reference='precomputed' needs JSONL data to annotate")
     out_dir = os.path.join(trainer.workdir, "reference")
     out_path = os.path.join(out_dir, f"{split}.jsonl")
-    if os.path.isfile(out_path):
+    key_path = os.path.join(out_dir, f"{split}.key.json")
+    key = json.loads(json.dumps(reference_key(trainer, split, data_path)))
+    saved = identity.read_json(key_path)
+    if os.path.isfile(out_path) and saved == key:
         return out_path
+    if os.path.isfile(out_path):
+        changed = sorted(k for k in key if (saved or {}).get(k) != key[k])
+        log.info("recomputing the %s reference log-probs: %s changed", split, ", ".join(changed) or "key")
     os.makedirs(out_dir, exist_ok=True)
     source = BatchSource(trainer.data, split, trainer.config, trainer.model.config, trainer.mesh,
                          path=data_path, shuffle=False, num_epochs=1)
     results = _gather_results(_reference_pass(trainer, source), trainer.workdir, split)
     if jax.process_index() == 0:
+        if os.path.exists(key_path):
+            os.remove(key_path)  # the old key must not vouch for a half-replaced file
         n = write_with_reference(os.path.abspath(data_path), results, out_path)  # sources name absolute paths
+        identity.write_json(key_path, key)
         log.info("reference log-probs for %d records of %s -> %s", n, data_path, out_path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

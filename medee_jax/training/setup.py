@@ -54,7 +54,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
          f"data.target_buckets={tuple(c.data.target_buckets)}: each must be >= 1 (or () for data.seq_buckets)")
     need(all(b % 4 == 0 for b in c.data.patch_buckets), f"data.patch_buckets={tuple(c.data.patch_buckets)}: "
          "each must be a multiple of 4 (the 2x2 merge)")
-    for name in ("train", "eval", "media_root", "tokenizer"):
+    for name in ("train", "eval", "media_root", "eval_media_root", "tokenizer"):
         path = c.data[name]
         need(not path or spec_exists(path), f"data.{name}={path!r}: does not exist")
     need(c.data.get("format", "auto") in FORMAT_NAMES, f"data.format={c.data.get('format')!r}: one of "
@@ -63,6 +63,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need(0 <= c.optimizer.warmup_ratio < 1, f"optimizer.warmup_ratio={c.optimizer.warmup_ratio}: in [0, 1)")
     need(c.train.log_every >= 1 and c.train.checkpoint_every >= 1,
          "train.log_every and train.checkpoint_every must be >= 1")
+    need(c.train.steps == -1 or c.train.steps >= 1,
+         f"train.steps={c.train.steps}: must be -1 (data.num_epochs over the training set) or >= 1")
+    need(c.data.num_epochs >= 1, f"data.num_epochs={c.data.num_epochs}: must be >= 1")
+    need(c.train.keep_checkpoints == -1 or c.train.keep_checkpoints >= 1,
+         f"train.keep_checkpoints={c.train.keep_checkpoints}: must be >= 1 (the final weights are a checkpoint) "
+         "or -1 (keep every checkpoint)")
+    need(0.0 <= c.data.max_bad_fraction <= 1.0, f"data.max_bad_fraction={c.data.max_bad_fraction}: in [0, 1]")
+    need(c.data.high_bit_depth in ("min_max", "bit_depth", "refuse"),
+         f"data.high_bit_depth={c.data.high_bit_depth!r}: 'min_max', 'bit_depth' or 'refuse'")
     if c.mode == "dpo":
         need(c.dpo.loss_type in losses.DPO_LOSS_TYPES,
              f"dpo.loss_type={c.dpo.loss_type!r}: one of {', '.join(losses.DPO_LOSS_TYPES)}")
@@ -86,6 +95,7 @@ class DataSpec:
     tokenizer_dir: str
     media_root: str
     is_demo: bool
+    eval_media_root: str = ""  # the eval split's image folder when it differs (default: media_root, else its own)
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:
@@ -126,14 +136,14 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
     kept = os.path.join(workdir, "tokenizer")
     if jax.process_index() == 0 and os.path.abspath(tokenizer) != os.path.abspath(kept):
         _copy_tokenizer(tokenizer, kept)
-    return DataSpec(train, evaluation, tokenizer, c.data.media_root, is_demo)
+    return DataSpec(train, evaluation, tokenizer, c.data.media_root, is_demo, c.data.eval_media_root)
 
 
 def embedded_model_config(tokenizer_dir: str) -> model_config.Qwen25VLConfig:
     """Returns the tiny Qwen2.5-VL-shaped config matching the demo tokenizer's vocabulary and special ids."""
-    from transformers import AutoTokenizer
+    from ..data.tokenize import load_hf_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_hf_tokenizer(tokenizer_dir)
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}

@@ -16,6 +16,7 @@ import numpy as np
 from ..data import pipeline
 from ..models.vision_layout import vision_layout
 from .mesh import local_data_shards, stack_shards, to_global
+from .setup import pipeline_config, target_buckets
 
 log = logging.getLogger("medee_jax.train")
 
@@ -127,23 +128,8 @@ class BatchSource:
         self.mesh = mesh
         self.model_cfg = model_cfg
         self.shards = local_data_shards(mesh)
-        if path is None:
-            path = data.train_path if split == "train" else data.eval_path
-        if shuffle is None:
-            shuffle = bool(config.data.shuffle) and split == "train"
-        if num_epochs == "default":
-            num_epochs = None if split == "train" else 1
-        d = config.data
-        self.data_config = pipeline.DataConfig(
-            paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
-            max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
-            packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
-            shuffle=shuffle, num_epochs=num_epochs,
-            num_workers=d.num_workers, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
-            image_max_pixels=d.image_max_pixels, on_bad_record=d.on_bad_record,
-            media_root=data.media_root or None,
-            share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))
-        self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)
+        self.data_config = pipeline_config(config, data, split, path=path, shuffle=shuffle, num_epochs=num_epochs)
+        self.target_buckets = target_buckets(config)
         self._iterator = None
         self._batches_per_epoch = None
 
@@ -197,7 +183,7 @@ class BatchSource:
         shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
         width = target_width(shards, self.target_buckets)
         shards = [add_target_arrays(b, width) for b in shards]
-        stacked = stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
+        stacked = stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in shards])
         if keep_sources:
             stacked["sources"] = [b.get("sources", []) for b in shards]
         return stacked
@@ -207,7 +193,7 @@ class BatchSource:
         return to_global(self.mesh, local)
 
 
-_DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
+DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
                 "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps",
                 "branch_ids", "target_row", "target_index", "target_labels", "target_mask")
 

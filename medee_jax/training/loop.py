@@ -25,7 +25,7 @@ from . import metrics as metrics_lib
 from . import steps
 from .batches import BatchSource
 from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed, replicated
-from .setup import build_model, resolve_data, validate_config
+from .setup import build_model, resolve_config, resolve_data, step_options, validate_config
 
 log = logging.getLogger("medee_jax.train")
 
@@ -65,15 +65,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _step_options(config) -> steps.StepOptions:
-    return steps.StepOptions(
-        mode=config.mode, loss_type=config.dpo.loss_type, beta=config.dpo.beta,
-        label_smoothing=config.dpo.label_smoothing, sft_weight=config.dpo.sft_weight,
-        reference=config.dpo.reference if config.mode == "dpo" else "none",
-        share_image_features=not config.model.train_vision and not config.model.train_projector,
-        vocab_chunk=config.train.vocab_chunk, seq_chunk=config.train.seq_chunk)
-
-
 def _global_norms(micro_batches: list[dict], mode: str) -> dict:
     """Returns the optimizer step's global normalisers (summed over micro-batches and processes)."""
     if mode == "sft":
@@ -98,9 +89,9 @@ class Trainer:
     """Builds everything a run needs from its config; ``run()`` trains and returns a RunResult."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
-        self.config = config
+        self.config = config = resolve_config(config)
         self.workdir = os.path.abspath(workdir or config.workdir)
-        validate_config(config)
+        validate_config(config, self.workdir)
         maybe_initialize_distributed(config.train.distributed)
         self.is_chief = jax.process_index() == 0
         self.mesh = make_mesh(dict(config.mesh))
@@ -113,11 +104,11 @@ class Trainer:
         if self.is_chief:
             with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
                 json.dump(self.model.config.to_hf_dict(), f, indent=2)
-        self.opts = _step_options(config)
+        self.opts = step_options(config)
         filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
-        self.params = params.to_pure_dict()
-        self.frozen = frozen.to_pure_dict()
+        self.params = nnx.to_pure_dict(params)
+        self.frozen = nnx.to_pure_dict(frozen)
         if config.mode == "dpo" and config.dpo.reference == "precomputed":
             self._use_precomputed_reference()
         self.train_source = BatchSource(self.data, "train", config, self.model.config, self.mesh)

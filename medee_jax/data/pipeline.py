@@ -473,15 +473,23 @@ def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
         raise ValueError(f"no records for shard {shard.shard_index} of {shard.shard_count} in {list(config.paths)}")
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
-    ds = ds.map(ParseRecord(config.mode, config.media_root))
-    ds = ds.map(LoadImages(
-        min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
-        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-        merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
-    ))
-    ds = ds.map(Tokenize(config.tokenizer_dir, config.max_length))
+    for stage in example_stages(config, vision):
+        ds = ds.map(stage)
     return ds
+
+
+def example_stages(config: DataConfig, vision) -> tuple[ParseRecord, LoadImages, Tokenize]:
+    """The per-record map stages of the pipeline, in order (raw record -> parsed -> with images -> tokens)."""
+    max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
+    return (
+        ParseRecord(config.mode, config.media_root),
+        LoadImages(
+            min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
+        ),
+        Tokenize(config.tokenizer_dir, config.max_length),
+    )
 
 
 def build_dataset(config: DataConfig, model_config, *, image_token_id: int | None = None) -> PackAndBatch:

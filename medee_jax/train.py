@@ -109,6 +109,12 @@ def main(argv) -> int:
         return EXIT_USAGE
     print(f"config:\n{config}", file=sys.stderr)
     print(describe_run(config), file=sys.stderr)
+    if config.demo is True:
+        from .recipes import DEMO_SIZES
+
+        kept = sorted(overridden & set(DEMO_SIZES[config.mode]))
+        if kept:
+            print(f"run: kept from the command line over the demo sizes: {', '.join(kept)}", file=sys.stderr)
     if _CHECK.value:
         from .training.preflight import run_check
 

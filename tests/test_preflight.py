@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -126,3 +127,26 @@ def test_check_on_the_demo_from_the_command_line(tmp_path):
     assert summary["plan"]["steps"] == 60 and summary["memory"]["peak_bytes_per_device"] > 0
     assert "run: the embedded dpo demo" in proc.stderr
     assert not workdir.exists()
+    # The resident state the memory plan counts: trainable float32 params + AdamW's two moments + the frozen
+    # vision tower + the float32 frozen reference copy (demo: float32 compute), plus a few scalars.
+    trainable, frozen = demo_param_counts()
+    expected = 4 * (3 * trainable + frozen + trainable)
+    assert 0 <= summary["memory"]["state_bytes_per_device"] - expected < 1024
+
+
+def demo_param_counts() -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of the embedded demo model with the default frozen vision parts."""
+    import jax
+    from flax import nnx
+
+    from medee_jax.data.demo_tokenizer import build_demo_tokenizer
+    from medee_jax.models import abstract_model
+    from medee_jax.training import steps
+    from medee_jax.training.setup import embedded_model_config
+
+    with tempfile.TemporaryDirectory() as tok:
+        build_demo_tokenizer(tok)
+        model = abstract_model(embedded_model_config(tok))
+    _, params, frozen = nnx.split(model, steps.trainable_filter(False, False), nnx.Param)
+    count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(state)))  # noqa: E731
+    return count(params), count(frozen)

@@ -327,15 +327,17 @@ def _memory(c, model_cfg, mesh, batch, spec, summary, problems, say) -> None:
         return
     peak = memory["peak_bytes_per_device"]
     limit = _device_memory_limit()
-    summary["memory"] = {"peak_bytes_per_device": peak, "device_bytes_limit": limit, **memory["batch_shape"]}
+    summary["memory"] = {"peak_bytes_per_device": peak, "state_bytes_per_device": memory["state"],
+                         "device_bytes_limit": limit, **memory["batch_shape"]}
     shape = memory["batch_shape"]
     say(f"memory per device (compiled step at rows={shape['rows']} L={shape['length']} P={shape['patches']}, "
-        f"XLA memory analysis): peak {_gib(peak)}; device limit {_gib(limit)}")
+        f"XLA memory analysis): peak {_gib(peak)} = state {_gib(memory['state'])} + the largest transient; "
+        f"device limit {_gib(limit)}")
     for name in ("accumulate_first", "accumulate", "clip", "update"):
         if name in memory:
             m = memory[name]
-            say(f"  {name}: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])}, aliased "
-                f"{_gib(m['aliased'])}, temporaries {_gib(m['temporaries'])}")
+            say(f"  {name}: transient {_gib(m['transient'])} (outputs {_gib(m['outputs'])}, aliased "
+                f"{_gib(m['aliased'])}, temporaries {_gib(m['temporaries'])})")
     if limit is not None and peak is not None and peak > limit:
         problems.append(f"the step needs {_gib(peak)} per device, more than the device's {_gib(limit)}: lower "
                         "data.batch_size or the largest buckets, raise mesh.fsdp / mesh.tensor, or use remat")

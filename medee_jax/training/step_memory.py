@@ -63,9 +63,23 @@ def abstract_batch(c, batch: dict, spec, mesh, model_cfg) -> dict:
                                                        sharding=batch_sharding(mesh, x.ndim)), stacked)
 
 
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays)."""
+    leaves = [x for x in jax.tree.leaves(tree) if x is not None]
+    return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in leaves))
+
+
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def step_memory(c, model_cfg, mesh, batch: dict, spec) -> dict:
-    """Per-device bytes of each compiled piece of the train step at the largest buckets (XLA memory analysis) and
-    the peak: the largest arguments + outputs - aliased + temporaries of any piece."""
+    """Per-device bytes of the train step at the largest buckets, from XLA's memory analysis of each compiled piece.
+
+    The state (parameters, frozen parts, reference, AdamW moments) stays resident through the step, also while a
+    piece that does not read all of it runs, so the peak is the state's bytes plus the largest transient of any
+    piece: its non-state inputs (batch, accumulator) + outputs not aliased to inputs + temporaries."""
     model = abstract_model(model_cfg, DTYPES[c.model.dtype], param_dtype=DTYPES[c.model.param_dtype],
                            remat=c.model.remat)
     graphdef, state, optimizer, schedule = abstract_state(c, model, mesh)
@@ -75,23 +89,26 @@ def step_memory(c, model_cfg, mesh, batch: dict, spec) -> dict:
     rep = replicated(mesh)
     names = ("tokens",) if c.mode == "sft" else ("pairs", "chosen_tokens")
     norms = {n: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for n in names}
-    pieces = {"accumulate_first": fns.accumulate_first.lower(state, abstract, norms).compile()}
-    acc = jax.eval_shape(fns.accumulate_first, state, abstract, norms)
+    first = fns.accumulate_first.lower(state, abstract, norms).compile()
+    acc = _with_shardings(jax.eval_shape(fns.accumulate_first, state, abstract, norms), first.output_shardings)
+    pieces = {"accumulate_first": (first, bytes_per_device(abstract))}
     if c.data.grad_accum_steps > 1:
-        pieces["accumulate"] = fns.accumulate.lower(acc, state, abstract, norms).compile()
-    pieces["clip"] = fns.clip.lower(acc).compile()
-    clipped = jax.eval_shape(fns.clip, acc)
-    pieces["update"] = fns.update.lower(state, clipped).compile()
-    out = {}
-    for name, compiled in pieces.items():
+        pieces["accumulate"] = (fns.accumulate.lower(acc, state, abstract, norms).compile(),
+                                bytes_per_device(abstract) + bytes_per_device(acc))
+    clip = fns.clip.lower(acc).compile()
+    clipped = _with_shardings(jax.eval_shape(fns.clip, acc), clip.output_shardings)
+    pieces["clip"] = (clip, bytes_per_device(acc))
+    pieces["update"] = (fns.update.lower(state, clipped).compile(), bytes_per_device(clipped))
+    out = {"state": bytes_per_device({k: v for k, v in state.items()})}
+    for name, (compiled, inputs) in pieces.items():
         m = compiled.memory_analysis()
         if m is None:
             continue
+        transient = inputs + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         out[name] = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-                     "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-                     "peak": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                     + m.temp_size_in_bytes}
-    out["peak_bytes_per_device"] = max((p["peak"] for p in out.values()), default=None)
+                     "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes, "transient": transient}
+    transients = [p["transient"] for name, p in out.items() if name in pieces]
+    out["peak_bytes_per_device"] = out["state"] + max(transients) if transients else None
     out["batch_shape"] = {"rows": int(abstract["input_ids"].shape[1]), "length": int(abstract["input_ids"].shape[2]),
                           "patches": int(abstract["pixel_values"].shape[1]) if "pixel_values" in abstract else 0}
     return out

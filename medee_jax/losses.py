@@ -343,31 +343,41 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _validate_dpo_args(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths) -> None:
+def dpo_settings_problems(loss_type: str, beta: Any, label_smoothing: Any, *, prefix: str = "") -> list[str]:
+    """Returns what is wrong with a DPO loss setting, one message per problem ([] when valid). The one place these
+    rules live: `dpo_loss` raises the first problem, the trainer's config validation lists them all (``prefix``
+    "dpo." names the config fields). Non-numeric (traced) beta / label_smoothing are not checked."""
     if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are: {', '.join(DPO_LOSS_TYPES)}")
-    if loss_type in _NEEDS_LENGTHS and (chosen_lengths is None or rejected_lengths is None):
+        return [f"unknown {prefix}loss_type {loss_type!r}; valid loss types are: {', '.join(DPO_LOSS_TYPES)}"]
+    problems = []
+    if _is_number(beta) and not beta > 0:
+        problems.append(f"{prefix}beta must be > 0, got {beta}")
+    if _is_number(label_smoothing):
+        eps = float(label_smoothing)
+        ls = f"{prefix}label_smoothing"
+        if not 0.0 <= eps <= 1.0:
+            problems.append(f"{ls} must be in [0, 1], got {eps}")
+        elif loss_type == "exo_pair" and not 0.0 < eps < 1.0:
+            problems.append(f"{prefix}loss_type 'exo_pair' needs 0 < {ls} < 1 (it takes log ε and log(1 − ε)), "
+                            f"got {eps}")
+        elif eps > 0 and loss_type not in _USES_LABEL_SMOOTHING:
+            problems.append(f"{prefix}loss_type {loss_type!r} has no label smoothing, got {ls}={eps}; it is used "
+                            f"only by {', '.join(_USES_LABEL_SMOOTHING)}")
+        elif loss_type == "robust" and not eps < 0.5:
+            problems.append(f"{prefix}loss_type 'robust' needs {ls} < 0.5 (it divides by 1 − 2ε), got {eps}")
+    return problems
+
+
+def _validate_dpo_args(loss_type, beta, label_smoothing, chosen_lengths, rejected_lengths) -> None:
+    if loss_type in DPO_LOSS_TYPES and loss_type in _NEEDS_LENGTHS and (chosen_lengths is None
+                                                                        or rejected_lengths is None):
         raise ValueError(
             f"loss_type {loss_type!r} normalises by completion length: pass chosen_lengths and rejected_lengths "
             "(completion token counts per pair)"
         )
-    if _is_number(beta) and not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if _is_number(label_smoothing):
-        eps = float(label_smoothing)
-        if not 0.0 <= eps <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {eps}")
-        if loss_type == "exo_pair" and not 0.0 < eps < 1.0:
-            raise ValueError(
-                f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (it takes log ε and log(1 − ε)), got {eps}"
-            )
-        if eps > 0 and loss_type not in _USES_LABEL_SMOOTHING:
-            raise ValueError(
-                f"loss_type {loss_type!r} has no label smoothing, got label_smoothing={eps}; it is used only by "
-                f"{', '.join(_USES_LABEL_SMOOTHING)}"
-            )
-        if loss_type == "robust" and not eps < 0.5:
-            raise ValueError(f"loss_type 'robust' needs label_smoothing < 0.5 (it divides by 1 − 2ε), got {eps}")
+    problems = dpo_settings_problems(loss_type, beta, label_smoothing)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _pair_losses(loss_type: str, beta, eps, d_chosen: Array, d_rejected: Array, len_chosen, len_rejected) -> Array:

@@ -1,20 +1,88 @@
-"""Command line: ``python -m medee_jax.train --config configs/sft.py|dpo.py [--config.x.y=value ...] [--workdir DIR]``.
+"""Command line: ``python -m medee_jax.train --config configs/sft.py|dpo.py[:PRESET] [--config.x.y=value ...]
+[--workdir DIR] [--check]``.
 
-The resolved config is printed at start and saved as ``workdir/config.json``; a run restarted with the same
-workdir resumes from its latest checkpoint.
+The config is resolved once after the command-line overrides (`setup.resolve_config`: the embedded demo or a real
+run), validated, printed at start and saved as ``workdir/config.json``; a run restarted with the same workdir
+resumes from its latest checkpoint. ``--check`` runs the pre-flight (`training.preflight`) instead of training.
+Mistakes in the command line or the config end with ``error: ...`` lines naming the field or path, exit code 2.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file, optionally "
+                                          "followed by :PRESET (e.g. configs/dpo.py:qwen2_5_vl_7b).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: the config's workdir).")
+_CHECK = flags.DEFINE_bool("check", False, "Pre-flight: validate the config, read every record through the input "
+                           "pipeline, read the checkpoint's headers and compile the step for its memory; no "
+                           "training, nothing written. Exits non-zero if anything would fail.")
+
+EXIT_USAGE = 2
+# Config fields that were renamed: old dotted name -> new one (named in the error for the old name).
+RENAMED_FIELDS = {"data.seq_buckets": "data.length_buckets"}
+
+
+def _error(message: str) -> None:
+    """Prints ``message`` as ``error:`` lines on stderr (one per line of the message)."""
+    for line in str(message).strip().splitlines() or [""]:
+        print(f"error: {line.strip()}", file=sys.stderr)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else str(text)
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The dotted config fields overridden in ``argv`` (``--config.a.b=v`` or ``--config.a.b v``)."""
+    out = []
+    for arg in argv:
+        match = re.match(r"--?config\.([^=\s]+)", arg)
+        if match:
+            out.append(match.group(1))
+    return out
+
+
+def flag_error(e: Exception, argv: list[str]) -> str:
+    """Returns one line saying which flag or config field is wrong and why."""
+    if isinstance(e, (KeyError, AttributeError)):  # ml_collections: an override names no field of the config
+        text = str(e)
+        named = re.search(r'instead of "([^"]+)"', text) or re.search(r"([A-Za-z0-9_]+)", text)
+        leaf = named.group(1) if named else text
+        fields = [f for f in _overrides(argv) if leaf in f.split(".")] or [leaf]
+        field = fields[0]
+        if field in RENAMED_FIELDS:
+            return f"--config.{field}: this field was renamed {RENAMED_FIELDS[field]}"
+        hint = re.search(r'Did you mean "([^"]+)"', str(text))
+        suggestion = f" (did you mean {field.rsplit('.', 1)[0] + '.' if '.' in field else ''}{hint.group(1)}?)" \
+            if hint else ""
+        return f"--config.{field}: no such config field{suggestion}"
+    if isinstance(e, flags.IllegalFlagValueError):
+        flag = re.match(r"flag (--\S+?)(=|:|\s)", str(e))
+        where = f"{flag.group(1)}: " if flag else ""
+        return where + _last_line(str(e).split(": ", 1)[-1] if flag else str(e))
+    if isinstance(e, OSError):  # the config file cannot be loaded
+        return f"--config: {_last_line(str(e))}"
+    return _last_line(str(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that ends a bad command line with one ``error:`` line and exit code 2 (no traceback)."""
+    try:
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("mode")  # a config file that failed to load raises only when first read
+        return rest
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+        _error(flag_error(e, argv))
+        sys.exit(EXIT_USAGE)
 
 
 def main(argv) -> int:
@@ -24,21 +92,42 @@ def main(argv) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     config = _CONFIG.value
     if config is None:
-        print("error: --config is required (e.g. --config configs/dpo.py)", file=sys.stderr)
-        return 2
+        _error("--config is required (e.g. --config configs/dpo.py)")
+        return EXIT_USAGE
+    overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
     if _WORKDIR.value:
         with config.unlocked():
             config.workdir = _WORKDIR.value
+    from .training.setup import describe_run, resolve_config, validate_config
+
+    try:
+        config = resolve_config(config, overridden)
+        validate_config(config, config.workdir, create_workdir=not _CHECK.value)
+    except ValueError as e:
+        problems = str(e).split("\n  - ")
+        _error("\n".join(problems[1:]) if problems[0] == "invalid config:" else str(e))
+        return EXIT_USAGE
     print(f"config:\n{config}", file=sys.stderr)
+    print(describe_run(config), file=sys.stderr)
+    if config.demo is True:
+        from .recipes import DEMO_SIZES
+
+        kept = sorted(overridden & set(DEMO_SIZES[config.mode]))
+        if kept:
+            print(f"run: kept from the command line over the demo sizes: {', '.join(kept)}", file=sys.stderr)
+    if _CHECK.value:
+        from .training.preflight import run_check
+
+        return run_check(config)
     from .training.loop import train
 
     try:
         result = train(config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        _error(str(e))
+        return EXIT_USAGE
     return 0 if result.stopped in ("done", "preempted") else 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,7 +2,7 @@
 
     python tests/run_training.py CONFIG_FILE OUT.npz key=value [key=value ...]
 
-Values are Python literals (``data.batch_size=2``, ``data.seq_buckets=(64,)``, ``mesh.fsdp=4``). Run as a
+Values are Python literals (``data.batch_size=2``, ``data.length_buckets=(64,)``, ``mesh.fsdp=4``). Run as a
 subprocess so each job can have its own XLA device count and ``jax.distributed`` set-up. Every process gathers the
 parameters; process 0 writes OUT.npz with the flattened params, the frozen params and the logged losses.
 """

@@ -38,7 +38,7 @@ def overrides(task: dict, tokenizer_dir, workdir) -> list[str]:
         "data.train": task["train"], "data.eval": "", "data.tokenizer": str(tokenizer_dir),
         "model.dtype": "float32", "model.remat": "none", "model.train_vision": True, "model.train_projector": True,
         # ~73 tokens per example: 3 examples packed per 256-token row, 16 patches per image, 6 images per batch.
-        "data.max_length": 256, "data.seq_buckets": (256,), "data.patch_buckets": (256,), "data.packing": True,
+        "data.max_length": 256, "data.length_buckets": (256,), "data.patch_buckets": (256,), "data.packing": True,
         "data.batch_size": 2, "data.min_pixels": 56 * 56, "data.max_pixels": 224 * 224, "data.shuffle": True,
         "optimizer.lr": 3e-3, "optimizer.warmup_ratio": 0.05, "optimizer.final_lr_ratio": 0.0,
         # Adam's default b2=0.999 remembers the large gradients of the first steps (learning the answer format) for

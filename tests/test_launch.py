@@ -92,7 +92,7 @@ def trainer_argv(line):
 
 
 def test_train_maps_buckets_and_keeps_overrides_intact():
-    tricky = "--config.data.seq_buckets=(1024, 2048)"
+    tricky = "--config.data.length_buckets=(1024, 2048)"
     quoted = "--config.x=it's $HOME"
     (ssh,) = pod("train", "--config", "configs/dpo.py:qwen2_5_vl_7b", "--workdir", "gs://bkt/runs/s2", "--",
                  "--config.model.init_from=gs://bkt/runs/s1", tricky, quoted,
@@ -201,7 +201,7 @@ def test_slurm_dry_run_prints_environment_and_srun(tmp_path):
            "SLURM_NNODES": "2", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     for script in (SBATCH, REPO / "launch" / "slurm_gpu.sh"):
         result = subprocess.run(["bash", str(script), "--dry-run", "configs/dpo.py:qwen2_5_vl_7b", "/shared/run",
-                                 "--config.data.seq_buckets=(1024, 2048)"], capture_output=True, text=True,
+                                 "--config.data.length_buckets=(1024, 2048)"], capture_output=True, text=True,
                                 env={**env, "SLURM_SUBMIT_DIR": str(REPO)})
         assert result.returncode == 0, result.stderr
         lines = [shlex.split(line) for line in result.stdout.splitlines()]
@@ -212,7 +212,7 @@ def test_slurm_dry_run_prints_environment_and_srun(tmp_path):
         assert lines[4] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c",
                             'export JAX_PROCESS_ID=$SLURM_PROCID; exec "$@"', "task", "python", "-m", "medee_jax.train",
                             "--config", "configs/dpo.py:qwen2_5_vl_7b", "--workdir", "/shared/run",
-                            "--config.data.seq_buckets=(1024, 2048)"]
+                            "--config.data.length_buckets=(1024, 2048)"]
 
 
 def test_slurm_job_runs_one_process_per_node_with_jax_variables(tmp_path):

@@ -1,7 +1,6 @@
 """The checkpoint's image processor is the default: resize bounds and tile limits from its config, as transformers
 reads them, and the image-token counts a run gets from a checkpoint whose processor caps images at 448²."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -95,10 +94,11 @@ def test_config_values_override_and_zero_means_the_processor(tmp_path):
 
 
 def load_base_config(mode):
-    spec = importlib.util.spec_from_file_location("base_config", ROOT / "configs" / "base.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.base_config(mode)
+    from medee_jax.recipes import base_config
+
+    c = base_config(mode)
+    c.data.image_max_pixels = 0  # no LLaMA-Factory pre-resize: the processor alone sizes the images
+    return c
 
 
 SIZES = [(160, 120), (1000, 800), (60, 90), (400, 600), (900, 900)]  # (width, height)
@@ -121,7 +121,7 @@ def test_checkpoint_processor_sets_the_image_token_counts(tmp_path, demo_tokeniz
     data_path = write_jsonl(tmp_path / "pairs.jsonl", records)
     c = load_base_config("dpo")
     c.data.train, c.data.tokenizer, c.data.batch_size, c.data.shuffle = str(data_path), str(ckpt), 1, False
-    c.data.max_length, c.data.seq_buckets, c.data.patch_buckets = 2048, (2048,), (4096,)
+    c.data.max_length, c.data.length_buckets, c.data.patch_buckets = 2048, (2048,), (4096,)
     validate_config(c)
     data = DataSpec(str(data_path), "", str(ckpt), "", False)
     with caplog.at_level("INFO", logger="medee_jax.train"):

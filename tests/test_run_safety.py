@@ -47,7 +47,7 @@ BAD = '{"conversations": [{"from": "human", "value": "<image>hi"}, {"from": "gpt
 
 def sft_config(train, tokenizer, workdir, **extra):
     overrides = {"data.train": str(train), "data.tokenizer": str(tokenizer), "data.max_length": 64,
-                 "data.seq_buckets": (64,), "data.packing": False, "data.shuffle": False, "data.batch_size": 4,
+                 "data.length_buckets": (64,), "data.packing": False, "data.shuffle": False, "data.batch_size": 4,
                  "model.dtype": "float32", "optimizer.lr": 1e-3, "optimizer.warmup_ratio": 0.0, "train.steps": 2,
                  "train.checkpoint_every": 100, "train.eval_every": 0, "train.async_checkpointing": False,
                  "workdir": str(workdir)}
@@ -283,7 +283,7 @@ def pair_lines(folder, n, seed):
 
 def dpo_config(train, eval_file, tok, workdir, **extra):
     overrides = {"data.train": str(train), "data.eval": str(eval_file), "data.tokenizer": tok,
-                 "data.max_length": 96, "data.seq_buckets": (96,), "data.patch_buckets": (64,),
+                 "data.max_length": 96, "data.length_buckets": (96,), "data.patch_buckets": (64,),
                  "data.max_pixels": 56 * 56, "data.shuffle": False, "data.batch_size": 2, "model.dtype": "float32",
                  "optimizer.warmup_ratio": 0.0, "train.steps": 1, "train.async_checkpointing": False,
                  "dpo.reference": "precomputed", "workdir": str(workdir)}
@@ -343,7 +343,7 @@ def test_stop_signal_while_data_is_loading_saves_and_exits_cleanly(tmp_path, tok
     train = write(tmp_path / "d.jsonl", sft_lines(64))
     workdir = tmp_path / "w"
     marker = tmp_path / "stuck"
-    args = [f"data.train={train}", f"data.tokenizer={tok}", "data.max_length=64", "data.seq_buckets=(64,)",
+    args = [f"data.train={train}", f"data.tokenizer={tok}", "data.max_length=64", "data.length_buckets=(64,)",
             "data.packing=False", "data.shuffle=False", "data.batch_size=4", "model.dtype='float32'",
             "train.steps=10", "train.checkpoint_every=100", "train.async_checkpointing=False", f"workdir={workdir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", STUCK_AFTER="20", STUCK_MARKER=str(marker))

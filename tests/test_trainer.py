@@ -43,7 +43,7 @@ def sft_data(tmp_path_factory, demo_tokenizer_dir):
 def common(data, workdir, **extra):
     train, tokenizer = data
     overrides = {
-        "data.train": train, "data.tokenizer": tokenizer, "data.max_length": 64, "data.seq_buckets": (64,),
+        "data.train": train, "data.tokenizer": tokenizer, "data.max_length": 64, "data.length_buckets": (64,),
         "data.packing": False, "data.shuffle": False, "model.dtype": "float32", "optimizer.lr": 1e-3,
         "optimizer.warmup_ratio": 0.0, "train.steps": 3, "train.checkpoint_every": 100, "train.eval_every": 0,
         "train.async_checkpointing": False, "workdir": str(workdir),
@@ -141,7 +141,7 @@ def test_frozen_vision_and_reference_do_not_change(sft_data, tmp_path):
                                 "chosen": {"from": "gpt", "value": "The lesion is in the left upper lobe."},
                                 "rejected": {"from": "gpt", "value": "There is no lesion at all."}}) + "\n")
     config = load_config(DPO_CONFIG, [o for o in common((str(pairs), sft_data[1]), d / "work",
-                                                          **{"data.batch_size": 2, "data.seq_buckets": (64,)})])
+                                                          **{"data.batch_size": 2, "data.length_buckets": (64,)})])
     trainer = Trainer(config)
     import jax
 

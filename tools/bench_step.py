@@ -339,7 +339,7 @@ def trainer_config(args, model_dir: str | None, length: int, patches: int, targe
     c.model.remat = args.remat
     c.data.batch_size = args.pairs
     c.data.max_length = length
-    c.data.seq_buckets = tuple(sorted({length, row_length}))  # sequences; shared-prompt DPO rows
+    c.data.length_buckets = tuple(sorted({length, row_length}))  # sequences; shared-prompt DPO rows
     c.dpo.share_prompt = args.share_prompt
     c.data.target_buckets = (targets,)
     c.data.patch_buckets = (patches,)
@@ -379,21 +379,21 @@ def build_jax_model(config, mesh, model_dir: str | None, hf_config: dict):
 def host_batch(config, model_cfg, examples: list[dict], shards: int) -> dict:
     """The stacked host batch [S, ...] the loop's BatchSource would yield (one BatchSpec.build per shard)."""
     from medee_jax.data.batching import BatchSpec
-    from medee_jax.training.batches import _DEVICE_KEYS, add_target_arrays, target_width
+    from medee_jax.training.batches import DEVICE_KEYS, add_target_arrays, target_width
     from medee_jax.training.mesh import stack_shards
 
     d = config.data
     spec = BatchSpec(mode=config.mode, batch_size=d.batch_size, max_length=d.max_length,
-                     length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
+                     length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d.patch_buckets),
                      image_token_id=model_cfg.image_token_id, vision=model_cfg.vision, packing=False)
     built = []
     for s in range(shards):
         part = examples[s * d.batch_size:(s + 1) * d.batch_size]
         items = part if config.mode == "dpo" else [[ex] for ex in part]
         built.append(spec.build(items))
-    width = target_width(built, tuple(d.target_buckets) or tuple(d.seq_buckets))
+    width = target_width(built, tuple(d.target_buckets) or tuple(d.length_buckets))
     built = [add_target_arrays(b, width) for b in built]
-    return stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in built])
+    return stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in built])
 
 
 
@@ -432,10 +432,10 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     model_cfg = model.config
 
     # Trainer.__init__: options and the params/frozen split.
-    opts = loop._step_options(config)
+    opts = setup.step_options(config)
     filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
     graphdef, params, frozen = nnx.split(model, filt, nnx.Param)
-    params, frozen = params.to_pure_dict(), frozen.to_pure_dict()
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     # Trainer._init_state on the attributes it reads (state, optimizer, schedule exactly as a run builds them).
     holder = SimpleNamespace(config=config, params=params, frozen=frozen, mesh=mesh,
                              total_steps=int(config.train.steps))

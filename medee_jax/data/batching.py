@@ -86,15 +86,32 @@ def default_patch_buckets(max_patches: int, smallest: int = 256, multiple: int =
     return power_of_two_buckets(min(smallest, top), top)
 
 
-def check_buckets(buckets: Sequence[int], what: str, *, multiple: int = 1) -> tuple[int, ...]:
-    """Returns `buckets` as a sorted tuple of distinct positive ints (each a multiple of `multiple`), or raises."""
-    out = tuple(sorted({int(b) for b in buckets}))
-    if not out or out[0] < 1:
-        raise ValueError(f"{what} must be a non-empty list of positive sizes, got {list(buckets)}")
-    bad = [b for b in out if b % multiple]
-    if bad:
-        raise ValueError(f"{what} must be multiples of {multiple}, got {bad}")
-    return out
+def bucket_problems(max_length, length_buckets, patch_buckets, *, merge_unit: int | None = None,
+                    prefix: str = "") -> list[str]:
+    """Returns what is wrong with a run's bucket settings, one message per problem ([] when valid): each list must
+    be non-empty positive ints, the largest length bucket must hold max_length, patch buckets must be multiples of
+    the vision merge unit (when known). The one place these rules live (`BatchSpec` raises them, the trainer's config
+    validation lists them with ``prefix`` "data.")."""
+    problems = []
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        problems.append(f"{prefix}max_length={max_length!r}: must be a positive integer")
+    sizes = {}
+    for name, buckets in (("length_buckets", length_buckets), ("patch_buckets", patch_buckets)):
+        values = tuple(buckets) if isinstance(buckets, (list, tuple)) else None
+        if not values or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+                                 for b in values):
+            problems.append(f"{prefix}{name}={buckets!r}: must be a non-empty list of positive sizes, e.g. (1024, 2048)")
+            continue
+        sizes[name] = tuple(int(b) for b in values)
+    if "length_buckets" in sizes and not problems and max(sizes["length_buckets"]) < max_length:
+        problems.append(f"{prefix}length_buckets={sizes['length_buckets']}: the largest length bucket "
+                        f"{max(sizes['length_buckets'])} is below {prefix}max_length={max_length}; add it to the buckets")
+    if "patch_buckets" in sizes and merge_unit:
+        bad = [b for b in sizes["patch_buckets"] if b % merge_unit]
+        if bad:
+            problems.append(f"{prefix}patch_buckets={sizes['patch_buckets']}: must be multiples of {merge_unit} "
+                            f"(the vision tower merges {merge_unit} patches into one token), got {bad}")
+    return problems
 
 
 def pick_bucket(size: int, buckets: Sequence[int]) -> int:
@@ -163,14 +180,12 @@ class BatchSpec:
             raise ValueError(f"mode must be 'sft' or 'dpo', got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        unit = self.vision.spatial_merge_size**2
-        object.__setattr__(self, "length_buckets", check_buckets(self.length_buckets, "length_buckets"))
-        object.__setattr__(self, "patch_buckets", check_buckets(self.patch_buckets, "patch_buckets", multiple=unit))
-        if self.length_buckets[-1] < self.max_length:
-            raise ValueError(
-                f"the largest length bucket {self.length_buckets[-1]} is below max_length {self.max_length}; "
-                "add max_length to length_buckets"
-            )
+        problems = bucket_problems(self.max_length, self.length_buckets, self.patch_buckets,
+                                   merge_unit=self.vision.spatial_merge_size**2)
+        if problems:
+            raise ValueError("; ".join(problems))
+        object.__setattr__(self, "length_buckets", tuple(sorted({int(b) for b in self.length_buckets})))
+        object.__setattr__(self, "patch_buckets", tuple(sorted({int(b) for b in self.patch_buckets})))
 
     @property
     def row_buckets(self) -> tuple[int, ...]:

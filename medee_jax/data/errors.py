@@ -39,6 +39,7 @@ MISSING_IMAGE = "missing_image"
 CONTROL_TOKEN_IN_TEXT = "control_token_in_text"
 PROMPT_TOO_LONG = "prompt_too_long"
 IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+CHAT_TEMPLATE_ERROR = "chat_template_error"
 # Image content (images.py)
 CORRUPT_IMAGE = "corrupt_image"
 TRUNCATED_IMAGE = "truncated_image"

@@ -531,16 +531,27 @@ def _example_dataset(config: DataConfig, vision) -> tuple[grain.MapDataset, int]
     records_per_epoch = len(ds)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
-    ds = ds.map(ParseRecord(config.mode, config.media_root, record_format))
-    ds = ds.map(LoadImages(
-        min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
-        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-        merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
-        high_bit_depth=config.high_bit_depth,
-    ))
-    ds = ds.map(Tokenize(config.tokenizer_dir, config.max_length))
+    for stage in example_stages(config, vision, record_format):
+        ds = ds.map(stage)
     return ds, records_per_epoch
+
+
+def example_stages(config: DataConfig, vision, record_format="auto") -> tuple[ParseRecord, LoadImages, Tokenize]:
+    """The per-record map stages of the pipeline, in order (raw record -> parsed -> with images -> tokens).
+
+    ``record_format``: what `dataset_files.open_dataset` returned for the split's files (a data.format name or a
+    dataset_info.json entry's format)."""
+    max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
+    return (
+        ParseRecord(config.mode, config.media_root, record_format),
+        LoadImages(
+            min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
+            high_bit_depth=config.high_bit_depth,
+        ),
+        Tokenize(config.tokenizer_dir, config.max_length),
+    )
 
 
 def build_dataset(config: DataConfig, model_config, *, image_token_id: int | None = None) -> PackAndBatch:

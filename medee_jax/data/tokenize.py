@@ -223,12 +223,23 @@ def tokenize_preference_pair(
 def tokenize_record(
     record: Conversation | PreferencePair, tok: ChatTokenizer, image_grid_thw=None, **kwargs
 ) -> dict[str, np.ndarray] | None:
-    """`tokenize_conversation` or `tokenize_preference_pair`, by the record's type."""
-    if isinstance(record, Conversation):
-        return tokenize_conversation(record, tok, image_grid_thw, **kwargs)
-    if isinstance(record, PreferencePair):
-        return tokenize_preference_pair(record, tok, image_grid_thw, **kwargs)
-    raise TypeError(f"expected a Conversation or PreferencePair, got {type(record).__name__}")
+    """`tokenize_conversation` or `tokenize_preference_pair`, by the record's type.
+
+    An error raised while the chat template renders this record (Jinja's sandbox, the template's own
+    `raise_exception`) is a `BadRecordError` (chat_template_error) naming the record and the template's message."""
+    import jinja2
+
+    if not isinstance(record, (Conversation, PreferencePair)):
+        raise TypeError(f"expected a Conversation or PreferencePair, got {type(record).__name__}")
+    tokenize = tokenize_conversation if isinstance(record, Conversation) else tokenize_preference_pair
+    try:
+        return tokenize(record, tok, image_grid_thw, **kwargs)
+    except jinja2.TemplateError as e:
+        error = BadRecordError(record.source.file, record.source.line, errors.CHAT_TEMPLATE_ERROR,
+                               f"the chat template of {tok.tokenizer.name_or_path} failed on it: "
+                               f"{type(e).__name__}: {e}")
+    errors.handle_bad_record(error, kwargs.get("on_bad_record", "raise"), kwargs.get("counter"))
+    return None
 
 
 def image_token_counts(image_grid_thw: np.ndarray | Sequence[Sequence[int]], merge_size: int = 2) -> list[int]:

@@ -17,10 +17,10 @@ import numpy as np
 
 from ..data import pipeline
 from ..data.dataset_files import data_files
-from ..data.processor_config import resolve_image_bounds
 from ..models.vision_layout import vision_layout
 from . import identity
 from .mesh import local_data_shards, stack_shards, to_global
+from .setup import image_bounds, pipeline_config, target_buckets
 
 log = logging.getLogger("medee_jax.train")
 
@@ -142,32 +142,12 @@ class BatchSource:
         self.mesh = mesh
         self.model_cfg = model_cfg
         self.shards = local_data_shards(mesh)
-        if path is None:
-            path = data.train_path if split == "train" else data.eval_path
-        if shuffle is None:
-            shuffle = bool(config.data.shuffle) and split == "train"
-        if num_epochs == "default":
-            num_epochs = None if split == "train" else 1
-        d = config.data
-        # Image sizes: data.* values > 0, else the checkpoint's own image processor (preprocessor_config.json).
-        self.image_bounds = resolve_image_bounds((config.model.checkpoint, data.tokenizer_dir), d.min_pixels,
-                                                 d.max_pixels, d.get("min_tiles", 0), d.get("max_tiles", 0))
+        self.image_bounds = image_bounds(config, data)
         if split == "train":
             log.info("%s", self.image_bounds.description)
-        media_root = data.media_root
-        if split == "eval":
-            media_root = getattr(data, "eval_media_root", "") or media_root
-        self.data_config = pipeline.DataConfig(
-            paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=config.mode, batch_size=d.batch_size,
-            max_length=d.max_length, length_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets),
-            packing=bool(d.packing) and config.mode == "sft", seed=config.seed,
-            shuffle=shuffle, num_epochs=num_epochs,
-            num_workers=d.num_workers, min_pixels=self.image_bounds.min_pixels,
-            max_pixels=self.image_bounds.max_pixels, format=d.get("format", "auto"),
-            image_max_pixels=d.image_max_pixels, high_bit_depth=d.high_bit_depth, on_bad_record=d.on_bad_record,
-            media_root=media_root or None,
-            share_prompt=config.mode == "dpo" and bool(config.dpo.share_prompt))
-        self.target_buckets = tuple(d.target_buckets) or tuple(d.seq_buckets)
+        self.data_config = pipeline_config(config, data, split, path=path, shuffle=shuffle, num_epochs=num_epochs,
+                                           bounds=self.image_bounds)
+        self.target_buckets = target_buckets(config)
         self._iterator = None
         self._batches_per_epoch = None
         self._census = None
@@ -264,7 +244,7 @@ class BatchSource:
         shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
         width = target_width(shards, self.target_buckets)
         shards = [add_target_arrays(b, width) for b in shards]
-        stacked = stack_shards([{k: v for k, v in b.items() if k in _DEVICE_KEYS} for b in shards])
+        stacked = stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in shards])
         if keep_sources:
             stacked["sources"] = [b.get("sources", []) for b in shards]
         return stacked
@@ -274,7 +254,7 @@ class BatchSource:
         return to_global(self.mesh, local)
 
 
-_DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
+DEVICE_KEYS = ("input_ids", "attention_mask", "segment_ids", "position_ids", "labels", "loss_mask",
                 "pixel_values", "vision", "image_token_index", "pair_mask", "num_target_tokens", "ref_logps",
                 "branch_ids", "target_row", "target_index", "target_labels", "target_mask")
 

@@ -27,7 +27,7 @@ from . import steps
 from .batches import BatchSource
 from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed, replicated
 from .preemption import Interrupted, Preemption
-from .setup import build_model, resolve_data, validate_config
+from .setup import build_model, resolve_config, resolve_data, step_options, validate_config
 from .workdir import changed_fields, config_dict, lock_workdir, save_start_config
 
 log = logging.getLogger("medee_jax.train")
@@ -45,15 +45,6 @@ class RunResult:
     eval_metrics: dict
     stopped: str  # "done" | "preempted" | "nonfinite"
     data: dict = dataclasses.field(default_factory=dict)  # per split: records used, skipped by reason, truncated
-
-
-def _step_options(config) -> steps.StepOptions:
-    return steps.StepOptions(
-        mode=config.mode, loss_type=config.dpo.loss_type, beta=config.dpo.beta,
-        label_smoothing=config.dpo.label_smoothing, sft_weight=config.dpo.sft_weight,
-        reference=config.dpo.reference if config.mode == "dpo" else "none",
-        share_image_features=not config.model.train_vision and not config.model.train_projector,
-        vocab_chunk=config.train.vocab_chunk, seq_chunk=config.train.seq_chunk)
 
 
 def label_smoothing_note(config) -> str | None:
@@ -92,9 +83,9 @@ class Trainer:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None):
-        self.config = config
+        self.config = config = resolve_config(config)
         self.workdir = os.path.abspath(workdir or config.workdir)
-        validate_config(config)
+        validate_config(config, self.workdir)
         maybe_initialize_distributed(config.train.distributed)
         self.is_chief = jax.process_index() == 0
         self.mesh = make_mesh(dict(config.mesh))
@@ -118,13 +109,13 @@ class Trainer:
                 raise DestinationError(f"train.export_hf: {e} For a training run: move that directory away (or "
                                        "remove the files named) before starting.") from None
         self.model = build_model(config, self.mesh, self.data)
-        self.opts = _step_options(config)
+        self.opts = step_options(config)
         if label_smoothing_note(config):
             log.info("%s", label_smoothing_note(config))
         filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
-        self.params = params.to_pure_dict()
-        self.frozen = frozen.to_pure_dict()
+        self.params = nnx.to_pure_dict(params)
+        self.frozen = nnx.to_pure_dict(frozen)
         if config.mode == "dpo" and config.dpo.reference == "precomputed":
             self._use_precomputed_reference()
         cache = os.path.join(self.workdir, "cache")

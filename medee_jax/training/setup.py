@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
+import typing
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from .. import losses
+from .. import losses, recipes
 from ..data.dataset_info import spec_exists
 from ..data.record_formats import FORMAT_NAMES
 from ..models import config as model_config
@@ -28,8 +32,108 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "generation_config.json", "processor_config.json")
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Raises one ValueError naming every invalid field or combination, before anything is computed."""
+DEMO_INPUTS = ("model.checkpoint", "model.init_from", "data.train")  # any of these set: not the embedded demo
+
+
+def resolve_config(c: ml_collections.ConfigDict, overridden: Iterable[str] | None = None) -> ml_collections.ConfigDict:
+    """Returns the run's resolved copy of ``c``, decided once at the start, after command-line overrides.
+
+    ``demo: "auto"`` becomes ``demo: true`` for the embedded demo (none of model.checkpoint, model.init_from,
+    data.train is set) or ``demo: false``. The demo gets `recipes.DEMO_SIZES` for its mode, except on the fields in
+    ``overridden`` (dotted names the user set, e.g. the command line's ``--config.data.batch_size``; None: no
+    field is kept). A run that names a checkpoint or data never gets the demo sizes. A config that is already
+    resolved (demo true/false) is returned as is after a consistency check, so resolving twice changes nothing.
+    Raises ValueError for a preset without a checkpoint, or a demo value other than "auto".
+    """
+    named = [f for f in DEMO_INPUTS if recipes.get_field(c, f)]
+    if isinstance(c.demo, bool):
+        if c.demo and named:
+            raise ValueError(f"demo=True but {', '.join(named)} is set: a resolved demo config cannot name a "
+                             "checkpoint or data; start from the config file (demo='auto')")
+        return c
+    if c.demo != "auto":
+        raise ValueError(f"demo={c.demo!r}: leave it 'auto'; the run is the embedded demo exactly when none of "
+                         f"{', '.join(DEMO_INPUTS)} is set")
+    is_demo = not named
+    if is_demo and c.preset:
+        raise ValueError(f"preset={c.preset!r} is for a real run: set model.checkpoint (or model.init_from) and "
+                         "data.train")
+    out = copy.deepcopy(c)
+    with out.unlocked():
+        del out["demo"]
+        out.demo = is_demo
+    if is_demo:
+        keep = set(overridden or ())
+        for field, value in recipes.DEMO_SIZES[c.mode].items():
+            if field not in keep:
+                recipes.set_field(out, field, value)
+    return out
+
+
+def describe_run(c: ml_collections.ConfigDict) -> str:
+    """Returns one line saying what kind of run a resolved config is (printed at start)."""
+    if c.demo is True:
+        return (f"run: the embedded {c.mode} demo (no {', '.join(DEMO_INPUTS)}): tiny model, synthetic data, CPU "
+                "sizes from medee_jax.recipes.DEMO_SIZES")
+    preset = f"preset {c.preset}" if c.preset else "no preset"
+    return f"run: a real {c.mode} run ({preset}); recipe values, the demo sizes are not applied"
+
+
+def workdir_problem(path: str, create: bool = True) -> str | None:
+    """Returns why ``path`` cannot be the run directory (not a directory, cannot be created, not writable), or None.
+
+    A probe file is written (and removed) because permission bits do not show a read-only mount or a root user's
+    rights. ``create``: make the directory if needed; otherwise probe its nearest existing ancestor and leave
+    nothing behind (the pre-flight writes nothing)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"workdir={path!r}: exists and is not a directory"
+    target = path
+    if not create:
+        while not os.path.exists(target) and os.path.dirname(target) != target:
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            return f"workdir={path!r}: {target} is a file, not a directory"
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        return f"workdir={path!r}: cannot write there ({e.strerror or e})"
+    return None
+
+
+def _preset_problem(c: ml_collections.ConfigDict) -> str | None:
+    """Returns why the preset does not fit the checkpoint's model (another size or family), or None."""
+    expected = model_config.PRESETS.get(c.preset)
+    source = c.model.checkpoint or c.model.init_from
+    if expected is None or not source:
+        return None
+    found = initial_model_config(c)
+    if found is None:
+        return None
+    got = (found.text.hidden_size, found.text.num_hidden_layers)
+    want = (expected.text.hidden_size, expected.text.num_hidden_layers)
+    if got != want:
+        return (f"preset={c.preset!r} is for a model with hidden_size {want[0]} and {want[1]} layers, but {source} "
+                f"has hidden_size {got[0]} and {got[1]} layers: pick the preset of that size")
+    return None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None, *, create_workdir: bool = True) -> None:
+    """Raises one ValueError naming every invalid field or combination, before anything is computed.
+
+    Every cross-field rule lives in one function: DPO loss settings in `losses.dpo_settings_problems`, bucket
+    settings in `batching.bucket_problems` (the vision merge unit is checked there once the model is known).
+    With ``workdir``, the run directory must be usable: created (unless ``create_workdir`` is False) and writable.
+    """
+    from ..data import batching, errors
+
     problems = []
 
     def need(ok, msg):
@@ -45,15 +149,29 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for name in ("checkpoint", "init_from"):
         path = c.model[name]
         need(not path or os.path.isdir(path), f"model.{name}={path!r}: no such directory")
-    need(c.data.batch_size >= 1, f"data.batch_size={c.data.batch_size}: must be >= 1")
-    need(c.data.grad_accum_steps >= 1, f"data.grad_accum_steps={c.data.grad_accum_steps}: must be >= 1")
-    need(c.data.on_bad_record in ("raise", "skip"), f"data.on_bad_record={c.data.on_bad_record!r}: 'raise' or 'skip'")
-    need(max(c.data.seq_buckets) >= c.data.max_length,
-         f"data.seq_buckets={tuple(c.data.seq_buckets)}: the largest must be >= data.max_length={c.data.max_length}")
-    need(all(int(b) >= 1 for b in c.data.target_buckets),
-         f"data.target_buckets={tuple(c.data.target_buckets)}: each must be >= 1 (or () for data.seq_buckets)")
-    need(all(b % 4 == 0 for b in c.data.patch_buckets), f"data.patch_buckets={tuple(c.data.patch_buckets)}: "
-         "each must be a multiple of 4 (the 2x2 merge)")
+    if c.preset and not problems:
+        need(c.preset in recipes.PRESETS, f"preset={c.preset!r}: one of {', '.join(recipes.PRESETS)}")
+        try:
+            problem = _preset_problem(c)
+        except (OSError, ValueError) as e:
+            problem = f"model.checkpoint / model.init_from: cannot read the model config ({e})"
+        need(problem is None, problem)
+    for name in ("batch_size", "grad_accum_steps"):
+        value = c.data[name]
+        need(_is_int(value) and value >= 1, f"data.{name}={value!r}: must be an integer >= 1")
+    choices = typing.get_args(errors.OnBadRecord)
+    need(c.data.on_bad_record in choices, f"data.on_bad_record={c.data.on_bad_record!r}: one of {', '.join(choices)}")
+    problems += batching.bucket_problems(c.data.max_length, c.data.length_buckets, c.data.patch_buckets,
+                                         prefix="data.")
+    targets = c.data.target_buckets
+    need(isinstance(targets, (list, tuple)) and all(_is_int(b) and b >= 1 for b in targets),
+         f"data.target_buckets={targets!r}: positive sizes, or () for data.length_buckets")
+    pixels = (c.data.min_pixels, c.data.max_pixels)
+    need(all(_is_int(p) and p >= 0 for p in pixels) and (0 in pixels or pixels[0] <= pixels[1]),
+         f"data.min_pixels={pixels[0]!r}, data.max_pixels={pixels[1]!r}: >= 0 (0 = the checkpoint's processor), "
+         "min <= max")
+    need(_is_int(c.data.image_max_pixels) and c.data.image_max_pixels >= 0,
+         f"data.image_max_pixels={c.data.image_max_pixels!r}: >= 0 (0 = no pre-resize)")
     for name in ("train", "eval", "media_root", "eval_media_root", "tokenizer"):
         path = c.data[name]
         need(not path or spec_exists(path), f"data.{name}={path!r}: does not exist")
@@ -73,17 +191,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     need(c.data.high_bit_depth in ("min_max", "bit_depth", "refuse"),
          f"data.high_bit_depth={c.data.high_bit_depth!r}: 'min_max', 'bit_depth' or 'refuse'")
     if c.mode == "dpo":
-        need(c.dpo.loss_type in losses.DPO_LOSS_TYPES,
-             f"dpo.loss_type={c.dpo.loss_type!r}: one of {', '.join(losses.DPO_LOSS_TYPES)}")
+        problems += losses.dpo_settings_problems(c.dpo.loss_type, c.dpo.beta, c.dpo.label_smoothing, prefix="dpo.")
         need(c.dpo.reference in ("frozen", "precomputed", "none"),
              f"dpo.reference={c.dpo.reference!r}: 'frozen', 'precomputed' or 'none'")
-        need(c.dpo.beta > 0, f"dpo.beta={c.dpo.beta}: must be > 0")
-        need(not (c.dpo.loss_type == "exo_pair" and c.dpo.label_smoothing <= 0),
-             "dpo.loss_type='exo_pair' needs dpo.label_smoothing > 0")
-        need(0 <= c.dpo.label_smoothing < 0.5, f"dpo.label_smoothing={c.dpo.label_smoothing}: in [0, 0.5)")
         need(not c.data.packing, "data.packing=True is for SFT only (DPO rows pair chosen and rejected)")
     for axis in ("data", "fsdp", "tensor"):
         need(c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}={c.mesh[axis]}: >= 1 or -1")
+    if workdir is not None and not problems:
+        problem = workdir_problem(workdir, create=create_workdir)
+        need(problem is None, problem)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -105,11 +221,11 @@ def _copy_tokenizer(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
-def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
+def resolve_data(c: ml_collections.ConfigDict, workdir: str, *, keep_tokenizer: bool = True) -> DataSpec:
     """Returns where the data and tokenizer are; generates the embedded demo set when no data is configured.
 
-    The tokenizer files are copied into ``workdir/tokenizer`` so a later stage started from this workdir
-    (``model.init_from``) and the Hugging Face export find them.
+    With ``keep_tokenizer`` the tokenizer files are copied into ``workdir/tokenizer`` so a later stage started from
+    this workdir (``model.init_from``) and the Hugging Face export find them.
     """
     from ..data import demo
 
@@ -134,9 +250,79 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
             not os.path.isfile(os.path.join(tokenizer, "vocab.json")):
         raise FileNotFoundError(f"{tokenizer}: no tokenizer files (set data.tokenizer)")
     kept = os.path.join(workdir, "tokenizer")
-    if jax.process_index() == 0 and os.path.abspath(tokenizer) != os.path.abspath(kept):
+    if keep_tokenizer and jax.process_index() == 0 and os.path.abspath(tokenizer) != os.path.abspath(kept):
         _copy_tokenizer(tokenizer, kept)
     return DataSpec(train, evaluation, tokenizer, c.data.media_root, is_demo, c.data.eval_media_root)
+
+
+def image_bounds(c: ml_collections.ConfigDict, data: DataSpec):
+    """Returns the run's image size limits (`processor_config.ImageBounds`): data.min_pixels / max_pixels /
+    min_tiles / max_tiles where > 0, else the checkpoint's own image processor (preprocessor_config.json)."""
+    from ..data.processor_config import resolve_image_bounds
+
+    d = c.data
+    return resolve_image_bounds((c.model.checkpoint, data.tokenizer_dir), d.min_pixels, d.max_pixels, d.min_tiles,
+                                d.max_tiles)
+
+
+def pipeline_config(c: ml_collections.ConfigDict, data: DataSpec, split: str, *, path: str | None = None,
+                    shuffle: bool | None = None, num_epochs: int | None | str = "default", bounds=None):
+    """Returns the input pipeline's `DataConfig` for one split of the run: the one translation from the run
+    config's fields (``data.*``, ``seed``, ``mode``, ``dpo.share_prompt``) to the pipeline's.
+
+    ``path`` defaults to the split's data file, ``shuffle`` to data.shuffle for train (never for eval),
+    ``num_epochs`` to None (endless: the loop counts steps) for train and 1 for eval; ``bounds`` to
+    `image_bounds` (the eval split reads its images from data.eval_media_root when set).
+    """
+    from ..data import pipeline
+
+    d = c.data
+    bounds = image_bounds(c, data) if bounds is None else bounds
+    media_root = (data.eval_media_root or data.media_root) if split == "eval" else data.media_root
+    if path is None:
+        path = data.train_path if split == "train" else data.eval_path
+    if shuffle is None:
+        shuffle = bool(d.shuffle) and split == "train"
+    if num_epochs == "default":
+        num_epochs = None if split == "train" else 1
+    return pipeline.DataConfig(
+        paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=c.mode, batch_size=d.batch_size,
+        max_length=d.max_length, length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d.patch_buckets),
+        packing=bool(d.packing) and c.mode == "sft", seed=c.seed, shuffle=shuffle, num_epochs=num_epochs,
+        num_workers=d.num_workers, min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels, format=d.format,
+        image_max_pixels=d.image_max_pixels, high_bit_depth=d.high_bit_depth, on_bad_record=d.on_bad_record,
+        media_root=media_root or None, share_prompt=c.mode == "dpo" and bool(c.dpo.share_prompt))
+
+
+def target_buckets(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """Returns the widths of the per-sequence target arrays (data.target_buckets, () meaning data.length_buckets)."""
+    return tuple(c.data.target_buckets) or tuple(c.data.length_buckets)
+
+
+def step_options(c: ml_collections.ConfigDict):
+    """Returns the train step's `steps.StepOptions` for the run config (the one translation of those fields)."""
+    from .steps import StepOptions
+
+    return StepOptions(
+        mode=c.mode, loss_type=c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing,
+        sft_weight=c.dpo.sft_weight, reference=c.dpo.reference if c.mode == "dpo" else "none",
+        share_image_features=not c.model.train_vision and not c.model.train_projector,
+        vocab_chunk=c.train.vocab_chunk, seq_chunk=c.train.seq_chunk)
+
+
+def initial_model_config(c: ml_collections.ConfigDict) -> model_config.Qwen25VLConfig | None:
+    """Returns the config of the model the run starts from, read from small JSON files only (no weights):
+    model.checkpoint's config.json, model.init_from's model_config.json (a run) or config.json (an Orbax model
+    directory); None for the embedded model (its vocabulary follows the tokenizer: `embedded_model_config`)."""
+    if c.model.checkpoint:
+        return model_config.load_config(c.model.checkpoint)
+    if c.model.init_from:
+        run_config = os.path.join(c.model.init_from, "model_config.json")
+        if os.path.isdir(os.path.join(c.model.init_from, "checkpoints")) and os.path.isfile(run_config):
+            with open(run_config, encoding="utf-8") as f:
+                return model_config.config_from_hf_dict(json.load(f), source=run_config)
+        return model_config.load_config(c.model.init_from)
+    return None
 
 
 def embedded_model_config(tokenizer_dir: str) -> model_config.Qwen25VLConfig:
@@ -156,8 +342,8 @@ def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
     from ..models.sharding import param_shardings
 
     graphdef, state = nnx.split(model)
-    shardings = param_shardings(nnx.state(model, nnx.Param), mesh, rules).to_pure_dict()
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    shardings = nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh, rules))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     placed = jax.tree.map(jax.device_put, params, shardings)
     nnx.update(model, placed)
     return model
@@ -195,8 +381,8 @@ def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> 
     with open(config_file) as f:
         cfg = model_config.config_from_hf_dict(json.load(f), source=config_file)
     model = abstract_model(cfg, dtype, param_dtype=param_dtype, remat=remat)
-    shardings = param_shardings(nnx.state(model, nnx.Param), mesh, rules).to_pure_dict()
-    shapes = nnx.state(model, nnx.Param).to_pure_dict()
+    shardings = nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh, rules))
+    shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
     params = ckpt.restore_model_params(path, target)
     nnx.update(model, jax.tree.map(lambda x, t: x.astype(t.dtype), params, target))

@@ -209,7 +209,7 @@ def clip_gradients(max_grad_norm: float, acc: dict) -> dict:
     "finite". Jitted on its own with ``acc`` donated, the clipped gradients overwrite the accumulated ones: inside the
     optimizer update they would be a parameter-sized temporary (AdamW reads them twice, for both moments)."""
     grads, loss = acc["grads"], acc["loss"]
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
     if max_grad_norm and max_grad_norm > 0:
         grads, _ = optax.clip_by_global_norm(max_grad_norm).update(grads, optax.EmptyState())

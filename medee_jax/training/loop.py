@@ -18,8 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from ..models import config as model_config
-from ..models.qwen2_5_vl import Qwen25VL
+from ..models.families import family_of
 from . import checkpoint as ckpt
 from . import metrics as metrics_lib
 from . import steps
@@ -114,7 +113,8 @@ class Trainer:
             with open(os.path.join(self.workdir, "model_config.json"), "w") as f:
                 json.dump(self.model.config.to_hf_dict(), f, indent=2)
         self.opts = _step_options(config)
-        filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
+        filt = steps.trainable_filter(family_of(self.model.config), config.model.train_vision,
+                                      config.model.train_projector)
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
         self.params = params.to_pure_dict()
         self.frozen = frozen.to_pure_dict()
@@ -249,7 +249,7 @@ class Trainer:
                 json.dump(dataclasses.asdict(result), f, indent=2, default=float)
         return result
 
-    def merged_model(self, state) -> Qwen25VL:
+    def merged_model(self, state):
         """Returns the NNX model with the state's current parameters."""
         return nnx.merge(self.graphdef, state["params"], state["frozen"])
 

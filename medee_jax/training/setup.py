@@ -14,9 +14,9 @@ import ml_collections
 from flax import nnx
 
 from .. import losses
-from ..models import config as model_config
+from ..models import config_from_hf_dict
+from ..models.families import DEFAULT_FAMILY, family_named
 from ..models.layers import REMAT_POLICIES
-from ..models.qwen2_5_vl import Qwen25VL
 
 log = logging.getLogger("medee_jax.train")
 
@@ -113,9 +113,10 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
     if not tokenizer:
         from ..data.demo_tokenizer import build_demo_tokenizer
 
-        tokenizer = os.path.join(demo_dir, "tokenizer")
+        family = embedded_family(c)
+        tokenizer = os.path.join(demo_dir, "tokenizer" if family.name == DEFAULT_FAMILY else f"tokenizer_{family.name}")
         if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
-            build_demo_tokenizer(tokenizer)
+            build_demo_tokenizer(tokenizer, flavour=family.demo_tokenizer)
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")) and \
             not os.path.isfile(os.path.join(tokenizer, "vocab.json")):
         raise FileNotFoundError(f"{tokenizer}: no tokenizer files (set data.tokenizer)")
@@ -125,16 +126,17 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str) -> DataSpec:
     return DataSpec(train, evaluation, tokenizer, c.data.media_root, is_demo)
 
 
-def embedded_model_config(tokenizer_dir: str) -> model_config.Qwen25VLConfig:
-    """Returns the tiny Qwen2.5-VL-shaped config matching the demo tokenizer's vocabulary and special ids."""
+def embedded_family(c: ml_collections.ConfigDict):
+    """Returns the family of the embedded tiny model: ``model.family``, or the registry's default when unset."""
+    return family_named(c.model.get("family", "") or DEFAULT_FAMILY)
+
+
+def embedded_model_config(tokenizer_dir: str, family=None):
+    """Returns the family's tiny demo config matching the demo tokenizer's vocabulary and special ids."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    vocab = -(-len(tok) // 64) * 64  # round up, as hub checkpoints pad the embedding
-    return model_config.tiny_config(vocab_size=vocab, **ids)
+    family = family if family is not None else family_named(DEFAULT_FAMILY)
+    return family.config().demo_config(AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
@@ -149,7 +151,7 @@ def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
     return model
 
 
-def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec) -> Qwen25VL:
+def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec):
     """Returns the initial model, its parameters placed on ``mesh`` by the config's sharding rules."""
     dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
     rules = dict(c.sharding_rules)
@@ -161,12 +163,13 @@ def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec) -> Qwen25VL:
     if c.model.init_from:
         return model_from_workdir(c.model.init_from, mesh, rules, dtype=dtype, param_dtype=param_dtype,
                                   remat=c.model.remat)
-    cfg = embedded_model_config(data.tokenizer_dir)
-    model = Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.model.remat, rngs=nnx.Rngs(c.seed))
+    family = embedded_family(c)
+    cfg = embedded_model_config(data.tokenizer_dir, family)
+    model = family.model()(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.model.remat, rngs=nnx.Rngs(c.seed))
     return place_on_mesh(model, mesh, rules)
 
 
-def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> Qwen25VL:
+def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat):
     """Returns the model of an earlier run's workdir (its latest checkpoint) or of an Orbax model directory
     written by ``tools/convert_checkpoint.py hf2orbax``, each parameter restored onto its sharding."""
     from ..models import abstract_model, orbax_io
@@ -179,7 +182,7 @@ def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"model.init_from={path}: a run directory without model_config.json")
     with open(config_file) as f:
-        cfg = model_config.config_from_hf_dict(json.load(f), source=config_file)
+        cfg = config_from_hf_dict(json.load(f), source=config_file)
     model = abstract_model(cfg, dtype, param_dtype=param_dtype, remat=remat)
     shardings = param_shardings(nnx.state(model, nnx.Param), mesh, rules).to_pure_dict()
     shapes = nnx.state(model, nnx.Param).to_pure_dict()

@@ -39,6 +39,30 @@ def decoder_layer_table(cfg: TextConfig) -> dict[str, tuple[tuple[int, ...], tup
     }
 
 
+def decoder_key_rows(prefix: str) -> tuple[tuple[str, str, str], ...]:
+    """Returns the checkpoint key-table rows (hf key pattern, our path, transform) of the decoder whose transformers
+    tensor names start with ``prefix`` (Qwen2.5-VL's hub layout: "model."; InternVL's: "language_model.model.");
+    our parameters live under ``language_model``. The LM head's row is the family's."""
+    layer = f"{prefix}layers.{{i}}."
+    ours = "language_model.layers."
+    return (
+        (f"{prefix}embed_tokens.weight", "language_model.embed_tokens", "copy"),
+        (layer + "input_layernorm.weight", ours + "input_layernorm", "copy"),
+        (layer + "self_attn.q_proj.weight", ours + "q_proj_kernel", "linear"),
+        (layer + "self_attn.q_proj.bias", ours + "q_proj_bias", "copy"),
+        (layer + "self_attn.k_proj.weight", ours + "k_proj_kernel", "linear"),
+        (layer + "self_attn.k_proj.bias", ours + "k_proj_bias", "copy"),
+        (layer + "self_attn.v_proj.weight", ours + "v_proj_kernel", "linear"),
+        (layer + "self_attn.v_proj.bias", ours + "v_proj_bias", "copy"),
+        (layer + "self_attn.o_proj.weight", ours + "o_proj_kernel", "linear"),
+        (layer + "post_attention_layernorm.weight", ours + "post_attention_layernorm", "copy"),
+        (layer + "mlp.gate_proj.weight", ours + "gate_proj_kernel", "linear"),
+        (layer + "mlp.up_proj.weight", ours + "up_proj_kernel", "linear"),
+        (layer + "mlp.down_proj.weight", ours + "down_proj_kernel", "linear"),
+        (f"{prefix}norm.weight", "language_model.norm", "copy"),
+    )
+
+
 class DecoderLayers(nnx.Module):
     """All decoder layers' parameters, each stacked to [num_layers, ...]."""
 

@@ -97,6 +97,13 @@ FAMILIES: tuple[Family, ...] = (
            host_module="medee_jax.models.qwen2_5_vl.host",
            vision_paths=("visual.patch_embed", "visual.blocks"), projector_paths=("visual.merger",),
            bucket_field="patch_buckets", demo_tokenizer="qwen2_5_vl"),
+    Family(name="internvl", model_types=("internvl", "internvl_chat"),
+           config_module="medee_jax.models.internvl.config",
+           model_class="medee_jax.models.internvl.model:InternVL",
+           keys_module="medee_jax.models.internvl.keys",
+           host_module="medee_jax.models.internvl.host",
+           vision_paths=("vision_tower",), projector_paths=("projector",),
+           bucket_field="tile_buckets", demo_tokenizer="internvl"),
 )
 
 # The family of the embedded demo model when a training config does not choose one (``model.family``).

@@ -43,6 +43,17 @@ def rms_norm(x, weight, eps: float):
     return weight.astype(x.dtype) * normed
 
 
+def layer_norm(x, weight, bias, eps: float):
+    """Returns LayerNorm(x) * weight + bias (biased variance over the last axis), computed in fp32 and cast back to
+    x's dtype, as torch's layer_norm computes it."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    out = centred * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
 def linear(x, kernel, bias=None, dtype=None):
     """Returns x @ kernel (+ bias) computed in ``dtype`` (default: x's dtype)."""
     dtype = dtype or x.dtype

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 
+from ..decoder import decoder_key_rows
 from ..hf import KeyLayout, KeyTable
 
-# (hf key, our path, transform). Text keys use the hub layout; the in-memory layout is normalised to it on read.
+# (hf key, our path, transform): the hub layout (the decoder's rows: decoder.decoder_key_rows); the in-memory layout is
+# normalised to it on read.
 QWEN2_5_VL_KEYS: tuple[tuple[str, str, str], ...] = (
     ("visual.patch_embed.proj.weight", "visual.patch_embed", "patch"),
     ("visual.blocks.{i}.norm1.weight", "visual.blocks.norm1", "copy"),
@@ -34,20 +36,7 @@ QWEN2_5_VL_KEYS: tuple[tuple[str, str, str], ...] = (
     ("visual.merger.mlp.0.bias", "visual.merger.mlp0_bias", "copy"),
     ("visual.merger.mlp.2.weight", "visual.merger.mlp2_kernel", "linear"),
     ("visual.merger.mlp.2.bias", "visual.merger.mlp2_bias", "copy"),
-    ("model.embed_tokens.weight", "language_model.embed_tokens", "copy"),
-    ("model.layers.{i}.input_layernorm.weight", "language_model.layers.input_layernorm", "copy"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "language_model.layers.q_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "language_model.layers.q_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "language_model.layers.k_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "language_model.layers.k_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "language_model.layers.v_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "language_model.layers.v_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "language_model.layers.o_proj_kernel", "linear"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "language_model.layers.post_attention_layernorm", "copy"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "language_model.layers.gate_proj_kernel", "linear"),
-    ("model.layers.{i}.mlp.up_proj.weight", "language_model.layers.up_proj_kernel", "linear"),
-    ("model.layers.{i}.mlp.down_proj.weight", "language_model.layers.down_proj_kernel", "linear"),
-    ("model.norm.weight", "language_model.norm", "copy"),
+    *decoder_key_rows("model."),
     ("lm_head.weight", "lm_head", "linear"),
 )
 

@@ -21,6 +21,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.model.remat = "full"  # none | full | dots | dots_no_batch
     c.model.train_vision = False
     c.model.train_projector = False
+    c.model.family = ""  # the embedded tiny model's family: "" (qwen2_5_vl) or internvl; checkpoints name their own
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # JSONL / JSON / ArrayRecord; "" = the embedded synthetic demo
@@ -40,6 +41,9 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.data.min_pixels = 3136
     c.data.max_pixels = 12845056
     c.data.image_max_pixels = 0  # > 0: pre-resize larger images (LLaMA-Factory style) before the processor
+    c.data.min_tiles = 1  # InternVL: tiles per image (a thumbnail tile is added when an image has several)
+    c.data.max_tiles = 12
+    c.data.tile_buckets = (8, 16, 32, 64)  # InternVL: tiles per batch (what patch_buckets are for Qwen2.5-VL)
     c.data.on_bad_record = "raise"  # raise | skip
 
     c.optimizer = ml_collections.ConfigDict()
@@ -87,6 +91,12 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     # Fewer tokens, but a longer dense attention: measured slower than separate rows on CPU (README, Benchmarks).
     c.dpo.share_prompt = False
     return c
+
+
+def internvl_demo(c: ml_collections.ConfigDict) -> None:
+    """The embedded demo with a tiny InternVL3-shaped model (224 px tiles, 64 image tokens each)."""
+    c.model.family = "internvl"
+    c.data.tile_buckets = (4, 8, 16)
 
 
 def embedded_demo_sizes(c: ml_collections.ConfigDict, *, lr: float, max_length: int, batch_size: int) -> None:

@@ -10,10 +10,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from base import base_config, embedded_demo_sizes  # noqa: E402
+from base import base_config, embedded_demo_sizes, internvl_demo  # noqa: E402
 
 
-def get_config():
+def get_config(arg: str | None = None):
     c = base_config("dpo")
     c.optimizer.lr = 5e-7
     c.optimizer.warmup_ratio = 0.1
@@ -21,4 +21,8 @@ def get_config():
     c.dpo.loss_type = "sigmoid"
     c.dpo.beta = 0.1
     embedded_demo_sizes(c, lr=2e-4, max_length=384, batch_size=4)
+    if arg == "internvl_demo":  # --config configs/<this>.py:internvl_demo
+        internvl_demo(c)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; known: internvl_demo")
     return c

@@ -9,14 +9,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from base import base_config, embedded_demo_sizes  # noqa: E402
+from base import base_config, embedded_demo_sizes, internvl_demo  # noqa: E402
 
 
-def get_config():
+def get_config(arg: str | None = None):
     c = base_config("sft")
     c.optimizer.lr = 1e-5
     c.optimizer.warmup_ratio = 0.1
     c.data.num_epochs = 3
     c.data.packing = True
     embedded_demo_sizes(c, lr=2e-3, max_length=256, batch_size=8)
+    if arg == "internvl_demo":  # --config configs/<this>.py:internvl_demo
+        internvl_demo(c)
+    elif arg:
+        raise ValueError(f"unknown config variant {arg!r}; known: internvl_demo")
     return c

@@ -133,3 +133,30 @@ def write_original_layout(hf_dir: str, out_dir: str) -> str:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(original, f, indent=2)
     return out_dir
+
+
+def hf_processor(tokenizer_dir, tile: int = TILE, tokens_per_tile: int = TOKENS_PER_TILE):
+    """Returns transformers' InternVLProcessor over ``tokenizer_dir`` (a tokenizer with InternVL's named image
+    tokens) and a GotOcr2ImageProcessorPil configured as InternVL3's "-hf" processor on ``tile`` px tiles.
+
+    Built without ``__init__``, which insists on a video processor (it needs torchvision); images and text go
+    through transformers' own ``InternVLProcessor.__call__`` and image processor unchanged.
+    """
+    import re
+
+    from transformers import AutoTokenizer, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    proc = object.__new__(InternVLProcessor)
+    proc.image_processor = GotOcr2ImageProcessorPil(
+        size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=1, max_patches=12,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    proc.tokenizer, proc.chat_template, proc.image_seq_length = tok, tok.chat_template, tokens_per_tile
+    proc.start_image_token, proc.end_image_token = tok.start_image_token, tok.end_image_token
+    proc.image_token, proc.video_token = tok.context_image_token, tok.video_token
+    proc.start_image_token_id, proc.end_image_token_id = tok.start_image_token_id, tok.end_image_token_id
+    proc.image_token_id = tok.context_image_token_id
+    proc.multimodal_pattern = re.compile(f"(?P<image>{re.escape(proc.image_token)})|(?P<video>"
+                                         f"{re.escape(proc.video_token)})")
+    return proc

@@ -71,7 +71,8 @@ def model():
 
 def build(mode, items, targets=(16, 64), share_prompt=False):
     s = BatchSpec(mode=mode, batch_size=len(items), max_length=64, length_buckets=(64,), patch_buckets=(256,),
-                  image_token_id=IMAGE, images=QwenImageInputs(CFG.vision), packing=mode == "sft", share_prompt=share_prompt)
+                  image_token_id=IMAGE, images=QwenImageInputs(CFG.vision), packing=mode == "sft",
+                  share_prompt=share_prompt)
     batch = s.build(items)
     batch = add_target_arrays(batch, target_width([batch], targets))
     return stack_shards([{k: v for k, v in batch.items() if k in _DEVICE_KEYS}])  # [S=1, ...]

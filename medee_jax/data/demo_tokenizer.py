@@ -10,7 +10,8 @@ template, so `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it with
 same bytes on every run.
 
 `build_demo_tokenizer(out_dir, flavour="internvl")` writes the same vocabulary plus InternVL3's added tokens
-(`<img>`, `</img>`, `<IMG_CONTEXT>`, `<quad>` … `</box>`, special, after Qwen's) and InternVL3's "-hf" chat template
+(`<img>`, `</img>`, `<IMG_CONTEXT>`, `<quad>` … `</box>`, `<video>`, special, after Qwen's; the named ones as
+`start_image_token`, `end_image_token`, `context_image_token`, `video_token`) and InternVL3's "-hf" chat template
 (no default system prompt; an image part renders `<IMG_CONTEXT>\n`).
 
 The ids differ from the real Qwen vocabulary (151643…); code must look special tokens up by their text.
@@ -105,7 +106,11 @@ CHAT_TEMPLATE = (
 
 # InternVL3's added tokens after Qwen's (transformers' InternVL conversion adds them in this order).
 INTERNVL_ADDED_TOKENS: tuple[tuple[str, bool], ...] = tuple(
-    (t, True) for t in ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"))
+    (t, True) for t in ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                        "<video>"))
+# Named special tokens of InternVL3's "-hf" tokenizer (what transformers' InternVLProcessor reads).
+INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 
 # InternVL3 "-hf" chat rendering: `<|im_start|>role\n...<|im_end|>\n` turns, no default system prompt, each image
 # part -> `<IMG_CONTEXT>\n` (the processor expands it to <img> + <IMG_CONTEXT> x 256 per tile + </img>).
@@ -383,7 +388,8 @@ def _tokenizer_config(tokenizer: Tokenizer, flavour: str = "qwen2_5_vl") -> dict
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "extra_special_tokens": [text for text, special in _added_tokens(flavour)[1:] if special],
+        "extra_special_tokens": (dict(INTERNVL_NAMED_TOKENS) if flavour == "internvl" else
+                                 [text for text, special in _added_tokens(flavour)[1:] if special]),
         "model_max_length": 32768,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,

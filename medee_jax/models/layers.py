@@ -1,6 +1,6 @@
 """Pure building blocks shared by the text decoder and the vision tower.
 
-Parameters live in NNX modules (see decoder.py and the families' model.py); the math here is plain functions of arrays so the
+Parameters live in NNX modules (decoder.py, the families' model.py); the math here is plain functions of arrays so the
 layer stacks can be scanned with ``jax.lax.scan`` and rematerialised with ``jax.checkpoint``.
 Kernels are stored ``[in, out]`` (the transpose of torch's ``Linear.weight``).
 """

@@ -98,7 +98,7 @@ def _norm(x, p: dict, name: str, cfg: InternVisionConfig):
 
 
 def vision_layer(p: dict, x, cfg: InternVisionConfig):
-    """Returns one InternViT layer applied to tiles x [T, N+1, D]: x + λ1·attn(norm1(x)), then + λ2·mlp(norm2(.))."""
+    """Returns one InternViT layer applied to tiles x [T, N+1, D]: x + λ1·attn(norm1(x)), then + λ2·mlp(norm2)."""
     t, n, d = x.shape
     h = _norm(x, p, "norm1", cfg)
     q, k, v = (linear(h, p[f"{c}_kernel"], p.get(f"{c}_bias")) for c in "qkv")  # [T, N+1, D]

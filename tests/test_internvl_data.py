@@ -171,3 +171,27 @@ def test_batch_rows_match_examples_alone(data, internvl_tokenizer_dir, model_con
             assert np.abs(alone).max() > 0.1
             checked += 1
     assert checked >= 4
+
+
+def test_shared_prompt_layout_gives_the_log_probs_of_separate_rows(data, internvl_tokenizer_dir, model_config,
+                                                                     tiny_model):
+    """dpo.share_prompt with InternVL's 1-D positions: one row per pair ([prompt | chosen | rejected], the tiles
+    encoded once) gives the completion log-probs of separate chosen and rejected rows."""
+    import jax
+
+    from medee_jax.training import steps
+    from medee_jax.training.batches import _DEVICE_KEYS, add_target_arrays, target_width
+    from medee_jax.training.mesh import stack_shards
+
+    logps = {}
+    for shared in (False, True):
+        cfg = config(data, internvl_tokenizer_dir, "dpo.jsonl", mode="dpo", batch_size=3, length_buckets=(192,),
+                     patch_buckets=(16,), share_prompt=shared)
+        batch = next(make_iterator(cfg, model_config))
+        assert "pixel_values" in batch and (batch["input_ids"].shape[0] == 3) == shared
+        batch = add_target_arrays(batch, target_width([batch], (64, 192)))
+        stacked = jax.tree.map(jnp.asarray, stack_shards([{k: v for k, v in batch.items() if k in _DEVICE_KEYS}]))
+        opts = steps.StepOptions(mode="dpo", reference="none", vocab_chunk=512, seq_chunk=32)
+        logps[shared] = np.asarray(steps.dpo_logps(tiny_model, None, stacked, opts)[0])
+    assert np.abs(logps[False]).min() > 1.0
+    np.testing.assert_allclose(logps[True], logps[False], rtol=1e-5, atol=1e-4)

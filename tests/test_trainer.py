@@ -311,17 +311,26 @@ def write_pairs(path, n, seed=1):
                                 "rejected": {"from": "gpt", "value": f"No lesion; {bad}."}}) + "\n")
 
 
-def test_precomputed_reference_equals_frozen_copy(sft_data, tmp_path):
-    """One pass of the initial policy stores reference log-probs; training then matches the frozen-copy mode."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_precomputed_reference_equals_frozen_copy(sft_data, family_data, tmp_path, family):
+    """One pass of the initial policy stores reference log-probs; training then matches the frozen-copy mode
+    (Qwen2.5-VL on text pairs; InternVL on pairs with images, whose tiles the reference pass encodes too)."""
     from medee_jax.training.loop import Trainer
     from tests.run_training import flatten, load_config
 
-    pairs = tmp_path / "pairs.jsonl"
-    write_pairs(pairs, 12)
+    pairs, extra = tmp_path / "pairs.jsonl", {}
+    if family == "internvl":
+        paths, overrides = family_data
+        lines = open(paths["dpo_train"]).read().splitlines()[:12]
+        pairs.write_text("".join(json.dumps({**json.loads(line), "images": [
+            os.path.join(paths["root"], p) for p in json.loads(line)["images"]]}) + "\n" for line in lines))
+        extra = overrides[family]
+    else:
+        write_pairs(pairs, 12)
     runs = {}
     for mode in ("frozen", "precomputed"):
         config = load_config(DPO_CONFIG, common((str(pairs), sft_data[1]), tmp_path / mode,
-                                                **{"data.batch_size": 2, "dpo.reference": mode}))
+                                                **{**extra, "data.batch_size": 2, "dpo.reference": mode}))
         trainer = Trainer(config)
         result = trainer.run()
         assert result.stopped == "done"

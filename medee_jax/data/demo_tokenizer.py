@@ -71,16 +71,9 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),
 )
 
-# Qwen2.5-VL's chat rendering: a default system prompt when the conversation does not start with one; each image
-# part → <|vision_start|><|image_pad|><|vision_end|> (video parts likewise with <|video_pad|>); content may be a
-# string or a list of {type: image|video|text} parts. Assistant content is wrapped in {% generation %} so that
-# `return_assistant_tokens_mask=True` works with this template (the real Qwen template lacks it; medee_jax does
-# not rely on it).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
-    "{%- endif -%}"
+# The parts of a turn both flavours render alike: the header, the assistant's text parts (as a generation span),
+# then the other roles' parts loop (each flavour writes its own image / video / text branches) and the closing.
+_TURN_OPEN = (
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
@@ -91,17 +84,33 @@ CHAT_TEMPLATE = (
     "{%- endgeneration -%}{%- else -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+)
+_TURN_CLOSE = (
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Qwen2.5-VL's chat rendering: a default system prompt when the conversation does not start with one; each image
+# part → <|vision_start|><|image_pad|><|vision_end|> (video parts likewise with <|video_pad|>); content may be a
+# string or a list of {type: image|video|text} parts. Assistant content is wrapped in {% generation %} so that
+# `return_assistant_tokens_mask=True` works with this template (the real Qwen template lacks it; medee_jax does
+# not rely on it).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    + _TURN_OPEN +
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+    + _TURN_CLOSE
 )
 
 # InternVL3's added tokens after Qwen's (transformers' InternVL conversion adds them in this order).
@@ -116,25 +125,11 @@ INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img
 # part -> `<IMG_CONTEXT>\n` (the processor expands it to <img> + <IMG_CONTEXT> x 256 per tile + </img>).
 INTERNVL_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endgeneration -%}{%- else -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
+    + _TURN_OPEN +
     "{%- if part['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}"
     "{%- elif part['type'] == 'video' -%}{{- '<video>\\n' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    + _TURN_CLOSE
 )
 
 FLAVOURS = ("qwen2_5_vl", "internvl")

@@ -49,6 +49,24 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def hf_fields(self) -> dict:
+        """Returns the config.json fields of a transformers Qwen2-style text config (without model_type, RoPE and
+        embedding tying, which each family writes its own way)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
     def rope_parameters(self) -> dict:
         """Returns transformers-5's ``rope_parameters`` dict for this decoder (without M-RoPE keys)."""
         out: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}

@@ -148,19 +148,8 @@ class InternVLConfig:
         text = {
             "model_type": "qwen2",
             "architectures": ["Qwen2ForCausalLM"],
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
+            **t.hf_fields(),
             "rope_parameters": t.rope_parameters(),
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id,
-            "pad_token_id": t.pad_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
         vision = {

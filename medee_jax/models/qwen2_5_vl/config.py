@@ -131,24 +131,13 @@ class Qwen25VLConfig:
         t, v = self.text, self.vision
         text = {
             "model_type": "qwen2_5_vl_text",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
+            **t.hf_fields(),
             "rope_parameters": {
                 "rope_type": "default",
                 "type": "mrope",
                 "mrope_section": list(t.mrope_section),
                 "rope_theta": t.rope_theta,
             },
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id,
-            "pad_token_id": t.pad_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
         vision = {

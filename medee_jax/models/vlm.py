@@ -13,6 +13,7 @@ Device entry points (shape-static, host-computed arrays):
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .decoder import Qwen2Decoder
@@ -96,8 +97,6 @@ class VisionLanguageModel(nnx.Module):
 
 def check_token_batch(input_ids, attention_mask):
     """Returns (input_ids int32 [B, L], attention_mask int32 [B, L]) as numpy, checking their shapes."""
-    import numpy as np
-
     input_ids = np.asarray(input_ids, dtype=np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -107,11 +106,9 @@ def check_token_batch(input_ids, attention_mask):
     return input_ids, mask
 
 
-def scatter_index(input_ids, attention_mask, image_token_id: int, rows: int, features: int) -> "np.ndarray":
+def scatter_index(input_ids, attention_mask, image_token_id: int, rows: int, features: int) -> np.ndarray:
     """Returns the flat [B*L] slot of each of ``rows`` feature rows (the first ``features`` real, in order; the
     rest point past the end and are dropped), checking the image-token count equals ``features``."""
-    import numpy as np
-
     slots = np.flatnonzero((input_ids == image_token_id) & (attention_mask != 0))
     if slots.size != features:
         raise ValueError(f"image tokens and image features do not match: {slots.size} image tokens, {features} "

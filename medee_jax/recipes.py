@@ -55,6 +55,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.model.remat = "full"  # none | full | dots | dots_no_batch
     c.model.train_vision = False
     c.model.train_projector = False
+    c.model.family = ""  # the embedded tiny model's family: "" (qwen2_5_vl) or internvl; checkpoints name their own
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # JSONL / JSON / ArrayRecord; "" = the embedded synthetic demo
@@ -82,7 +83,8 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     # folder of shards, a datasets.save_to_disk folder, a glob, or path/dataset_info.json:entry (LLaMA-Factory).
     c.data.format = "auto"  # auto | sharegpt | alpaca | trl: how records are read (auto: from their keys)
     c.data.min_tiles = 0  # InternVL tiles per image; 0 = the checkpoint's processor (min_patches / max_patches)
-    c.data.max_tiles = 0
+    c.data.max_tiles = 0  # (a thumbnail tile is added when an image has several)
+    c.data.tile_buckets = (8, 16, 32, 64)  # InternVL: tiles per batch (what patch_buckets are for Qwen2.5-VL)
     # 16-bit / float images (medical PNG/TIFF scans) -> 8 bits: "min_max" stretches each image's own range onto
     # 0..255; "bit_depth" scales by the format's range (x / 257 for 16-bit); "refuse" drops the record (reason
     # high_bit_depth). 48-bit colour PNGs are reduced by Pillow to each sample's high byte in either scaling mode.
@@ -244,10 +246,21 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+# Variants of the embedded demo, chosen like a preset (``--config configs/dpo.py:internvl_demo``). They keep the
+# run an embedded demo (no checkpoint, no data), so DEMO_SIZES still apply on top of them.
+DEMO_VARIANTS: dict[str, dict[str, Any]] = {
+    "internvl_demo": {
+        "model.family": "internvl",  # a tiny InternVL3-shaped model (224 px tiles, 64 image tokens each)
+        "data.tile_buckets": (4, 8, 16),  # the demo's one-tile images: up to 4 pairs per batch, 2 tiles each
+    },
+}
+
+
 def preset_values(name: str, mode: str) -> dict[str, Any]:
     """Returns {dotted field: value} of preset ``name`` for ``mode`` (stage-specific values resolved)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}; demo variants: "
+                         f"{', '.join(DEMO_VARIANTS)}")
     return {field: (value[mode] if isinstance(value, dict) else value) for field, value in PRESETS[name].items()}
 
 
@@ -277,6 +290,10 @@ def apply_preset(c: ml_collections.ConfigDict, name: str | None) -> ml_collectio
     """
     name = (name or "").strip()
     if not name:
+        return c
+    if name in DEMO_VARIANTS:
+        for field, value in DEMO_VARIANTS[name].items():
+            set_field(c, field, value)
         return c
     for field, value in preset_values(name, c.mode).items():
         set_field(c, field, value)

@@ -19,3 +19,13 @@ def chat_tokenizer(demo_tokenizer_dir):
     from medee_jax.data.tokenize import load_chat_tokenizer
 
     return load_chat_tokenizer(demo_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def internvl_tokenizer_dir(tmp_path_factory):
+    """The offline demo tokenizer in its InternVL3 "-hf" flavour (InternVL's image tokens and chat template)."""
+    from medee_jax.data.demo_tokenizer import build_demo_tokenizer
+
+    out = tmp_path_factory.mktemp("internvl_tokenizer")
+    build_demo_tokenizer(out, flavour="internvl")
+    return out

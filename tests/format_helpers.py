@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medee_jax.data.pipeline import DataConfig
-from medee_jax.models import tiny_config
+from medee_jax.models.qwen2_5_vl.config import tiny_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TRL_FIXTURES = FIXTURES / "trl"

@@ -1,10 +1,11 @@
 """Runs one training job from a config file plus overrides and saves its final parameters (for trainer tests).
 
-    python tests/run_training.py CONFIG_FILE OUT.npz key=value [key=value ...]
+    python tests/run_training.py CONFIG_FILE OUT.npz key=value [key=value ...] [--then CONFIG_FILE OUT.npz ...]
 
 Values are Python literals (``data.batch_size=2``, ``data.length_buckets=(64,)``, ``mesh.fsdp=4``). Run as a
 subprocess so each job can have its own XLA device count and ``jax.distributed`` set-up. Every process gathers the
-parameters; process 0 writes OUT.npz with the flattened params, the frozen params and the logged losses.
+parameters; process 0 writes OUT.npz with the flattened params, the frozen params and the logged losses. Jobs
+separated by ``--then`` run one after the other in the same process (one start-up for several runs).
 """
 
 from __future__ import annotations
@@ -46,8 +47,20 @@ def flatten(tree, prefix=""):
 
 
 def main(argv):
-    config_file, out = argv[1], argv[2]
-    config = load_config(config_file, argv[3:])
+    jobs, current = [], []
+    for arg in argv[1:]:
+        if arg == "--then":
+            jobs.append(current)
+            current = []
+        else:
+            current.append(arg)
+    jobs.append(current)
+    for job in jobs:
+        run_job(job[0], job[1], job[2:])
+
+
+def run_job(config_file, out, overrides):
+    config = load_config(config_file, overrides)
     import jax
     from jax.experimental import multihost_utils
 

@@ -7,8 +7,8 @@ import pytest
 
 from medee_jax.data import batching
 from medee_jax.data.batching import BatchSpec, Packer, pick_bucket, shifted_targets
-from medee_jax.models.config import tiny_config
-from medee_jax.models.rope import mrope_positions_for_sequence
+from medee_jax.models.qwen2_5_vl.config import tiny_config
+from medee_jax.models.qwen2_5_vl.host import QwenImageInputs, mrope_positions_for_sequence
 
 IMAGE = 7  # image token id of these synthetic examples
 VISION = tiny_config(64).vision
@@ -17,7 +17,7 @@ GRIDS = [(1, 4, 4), (1, 4, 8), (1, 8, 8), (1, 6, 4)]
 
 def spec(mode="sft", **kw):
     base = dict(mode=mode, batch_size=3, max_length=64, length_buckets=(16, 32, 64), patch_buckets=(64, 128, 256),
-                image_token_id=IMAGE, vision=VISION)
+                image_token_id=IMAGE, images=QwenImageInputs(VISION))
     base.update(kw)
     return BatchSpec(**base)
 

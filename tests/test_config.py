@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from medee_jax.models.config import PRESETS, config_from_hf_dict, load_config, tiny_config
-from medee_jax.models.rope import mrope_position_ids
+from medee_jax.models import config_from_hf_dict, load_config
+from medee_jax.models.qwen2_5_vl.config import PRESETS, tiny_config
+from medee_jax.models.qwen2_5_vl.host import mrope_position_ids
 
 # A hub-style (flat) config.json as the released 7B ships it, with a partial vision_config.
 HUB_7B = {

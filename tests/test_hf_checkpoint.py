@@ -24,6 +24,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from medee_jax.models import from_pretrained, hf, safetensors_io, save_pretrained
+from medee_jax.models.qwen2_5_vl import keys as qwen_keys
 from medee_jax.models.sharding import logical_to_mesh
 from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, assert_logits_close, hf_logits_and_positions, image_span,
                                   pad_rows, random_hf_model, tiny_hf_config)
@@ -129,7 +130,7 @@ def test_params_equal_transformers_tensors(ckpts, ours):
     state = ckpts.torch_model.state_dict()
     seen = set()
     for key, tensor in state.items():
-        hit = hf.match_key(hf.normalise_key(key))
+        hit = qwen_keys.match_key(qwen_keys.normalise_key(key))
         assert hit is not None, key
         path, layer, tf = hit
         ours_value = np.asarray(hf.get_param(ours, path)[...])
@@ -155,7 +156,7 @@ def test_bf16_checkpoint_loads_exactly(ckpts):
     model = from_pretrained(ckpts.bf16, dtype=jnp.bfloat16)
     torch_bf16 = random_hf_model(tiny_hf_config(), seed=0).to(torch.bfloat16).state_dict()
     for key, tensor in torch_bf16.items():
-        path, layer, tf = hf.match_key(hf.normalise_key(key))
+        path, layer, tf = qwen_keys.match_key(qwen_keys.normalise_key(key))
         value = hf.get_param(model, path)[...]
         assert value.dtype == jnp.bfloat16
         value = np.asarray(value if layer is None else value[layer]).astype(np.float32)

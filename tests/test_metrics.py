@@ -9,7 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from medee_jax.models.config import PRESETS, TextConfig, VisionConfig
+from medee_jax.models.qwen2_5_vl.config import PRESETS, VisionConfig, vision_flops_per_patch
+from medee_jax.models.text_config import TextConfig
 from medee_jax.training import metrics as M
 
 
@@ -293,11 +294,11 @@ def test_vision_flops_per_patch_by_hand():
     # patch embed 1176*8 = 9408; blocks 2*(3*64 + 64 + 3*8*12) = 2*544 = 1088;
     # merger (32*32 + 32*16) / 4 = 384; attention: window (56/14)^2 = 16 patches, 2*8*(1*100 + 1*16) = 1856.
     macs = 9408 + 1088 + 384 + 1856
-    assert M.vision_flops_per_patch(v, patches_per_image=100) == 2 * macs
-    assert M.vision_flops_per_patch(v, trained=True, patches_per_image=100) == 6 * macs
+    assert vision_flops_per_patch(v, patches_per_image=100) == 2 * macs
+    assert vision_flops_per_patch(v, trained=True, patches_per_image=100) == 6 * macs
     # an image smaller than a window: window blocks see the whole image.
     small = 9408 + 1088 + 384 + 2 * 8 * (10 + 10)
-    assert M.vision_flops_per_patch(v, patches_per_image=10) == 2 * small
+    assert vision_flops_per_patch(v, patches_per_image=10) == 2 * small
 
 
 def test_mfu_arithmetic():

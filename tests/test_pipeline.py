@@ -19,7 +19,9 @@ from medee_jax.data.images import qwen2_vl_preprocess
 from medee_jax.data.pipeline import DataConfig, build_dataset, example_dataset, make_iterator
 from medee_jax.data.sources import ArrayRecordSource, JsonlSource, open_source
 from medee_jax.data.tokenize import load_chat_tokenizer
-from medee_jax.models import Qwen25VL, tiny_config
+from medee_jax.models.qwen2_5_vl.config import tiny_config
+from medee_jax.models.qwen2_5_vl.host import QwenImageInputs
+from medee_jax.models.qwen2_5_vl.model import Qwen25VL
 from tests.limits import alarm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,8 +395,11 @@ def test_image_max_pixels_shrinks_before_the_processor(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(path)
     record = Conversation(messages=(Message("user", "<image>What is shown?"), Message("assistant", "A scan.")),
                           images=(str(path),), source=RecordRef(str(tmp_path / "d.jsonl"), 1))
-    plain = LoadImages(min_pixels=3136, max_pixels=10**7, max_patches=10**6).map({"record": record})
-    small = LoadImages(min_pixels=3136, max_pixels=10**7, max_patches=10**6, image_max_pixels=224 * 224).map(
+    vision = tiny_config().vision
+    plain = LoadImages(QwenImageInputs(vision, min_pixels=3136, max_pixels=10**7), max_patches=10**6).map(
+        {"record": record})
+    small = LoadImages(QwenImageInputs(vision, min_pixels=3136, max_pixels=10**7, image_max_pixels=224 * 224),
+                       max_patches=10**6).map(
         {"record": record})
     assert plain["image_grid_thw"].tolist() == [[1, 32, 32]]
     assert small["image_grid_thw"].tolist() == [[1, 16, 16]]
@@ -415,9 +420,10 @@ def test_load_images_passes_uint8_patches_or_normalized_pixels(tmp_path):
     Image.fromarray(rng.integers(0, 255, (448, 448, 3), dtype=np.uint8)).save(paths[1])
     record = Conversation(messages=(Message("user", "<image><image>Compare."), Message("assistant", "Same.")),
                           images=tuple(map(str, paths)), source=RecordRef(str(tmp_path / "d.jsonl"), 1))
-    kwargs = dict(min_pixels=3136, max_pixels=448 * 448, max_patches=10**6)
-    compact = LoadImages(**kwargs).map({"record": record})
-    floats = LoadImages(**kwargs, normalize=True).map({"record": record})
+    kwargs = dict(min_pixels=3136, max_pixels=448 * 448)
+    vision = tiny_config().vision
+    compact = LoadImages(QwenImageInputs(vision, **kwargs), max_patches=10**6).map({"record": record})
+    floats = LoadImages(QwenImageInputs(vision, **kwargs, normalize=True), max_patches=10**6).map({"record": record})
     ref_pixels, ref_grid = qwen2_vl_preprocess([str(p) for p in paths], 3136, 448 * 448)
     assert compact["pixel_values"].dtype == np.uint8 and compact["pixel_values"].shape == (ref_pixels.shape[0], 588)
     assert np.array_equal(floats["pixel_values"], ref_pixels) and floats["pixel_values"].dtype == np.float32
@@ -436,12 +442,14 @@ def test_load_images_rescales_or_refuses_16_bit_images(tmp_path):
     Image.fromarray(np.linspace(0, 4095, 56 * 84).reshape(56, 84).astype(np.uint16)).save(path)
     record = Conversation(messages=(Message("user", "<image>Findings?"), Message("assistant", "Clear.")),
                           images=(str(path),), source=RecordRef(str(tmp_path / "d.jsonl"), 5))
-    kwargs = dict(min_pixels=3136, max_pixels=448 * 448, max_patches=10**6)
-    out = LoadImages(**kwargs).map({"record": record})
+    vision = tiny_config().vision
+    kwargs = dict(min_pixels=3136, max_pixels=448 * 448)
+    out = LoadImages(QwenImageInputs(vision, **kwargs), max_patches=10**6).map({"record": record})
     expected, _ = qwen2_vl_patches([load_image(path, high_bit_depth="min_max")], 3136, 448 * 448)
     np.testing.assert_array_equal(out["pixel_values"], expected)
     assert (out["pixel_values"] == 255).mean() < 0.01  # Pillow's convert("RGB") made 97% of these 255
-    refused = LoadImages(**kwargs, high_bit_depth="refuse").map({"record": record})
+    refused = LoadImages(QwenImageInputs(vision, **kwargs, high_bit_depth="refuse"), max_patches=10**6).map(
+        {"record": record})
     assert isinstance(refused, Dropped) and refused.error.reason == errors.HIGH_BIT_DEPTH
     assert refused.error.line == 5 and str(path) in str(refused.error)
     with pytest.raises(ValueError, match="high_bit_depth"):

@@ -11,6 +11,8 @@ import tempfile
 
 import numpy as np
 import pytest
+
+from medee_jax.models.families import family_of
 from PIL import Image
 
 from tests.run_training import load_config
@@ -93,7 +95,8 @@ def test_check_reports_bad_records_by_reason_with_file_and_line(sharegpt_pairs, 
 def test_check_reads_checkpoint_headers(demo_tokenizer_dir, sharegpt_pairs, tmp_path, capsys):
     from flax import nnx
 
-    from medee_jax.models import Qwen25VL, save_pretrained
+    from medee_jax.models import save_pretrained
+    from medee_jax.models.qwen2_5_vl.model import Qwen25VL
     from medee_jax.training.setup import embedded_model_config
 
     ckpt = tmp_path / "ckpt"
@@ -147,6 +150,6 @@ def demo_param_counts() -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as tok:
         build_demo_tokenizer(tok)
         model = abstract_model(embedded_model_config(tok))
-    _, params, frozen = nnx.split(model, steps.trainable_filter(False, False), nnx.Param)
+    _, params, frozen = nnx.split(model, steps.trainable_filter(family_of(model.config), False, False), nnx.Param)
     count = lambda state: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(state)))  # noqa: E731
     return count(params), count(frozen)

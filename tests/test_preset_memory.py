@@ -27,7 +27,7 @@ def preset_step_memory(preset: str, mode: str) -> dict:
     image per row (SFT) or per pair (DPO)."""
     from medee_jax import recipes
     from medee_jax.data import pipeline
-    from medee_jax.models.config import PRESETS
+    from medee_jax.models.qwen2_5_vl.config import PRESETS
     from medee_jax.training import setup
     from medee_jax.training.mesh import make_mesh
     from medee_jax.training.step_memory import step_memory
@@ -41,7 +41,8 @@ def preset_step_memory(preset: str, mode: str) -> dict:
         c.model.checkpoint = c.data.train = ckpt
         c = setup.resolve_config(c)
         data = setup.DataSpec(os.path.join(ckpt, "train.jsonl"), "", ckpt, "", False)
-        spec = pipeline.batch_spec(setup.pipeline_config(c, data, "train"), cfg.vision, cfg.image_token_id)
+        spec = pipeline.batch_spec(dc := setup.pipeline_config(c, data, "train"), pipeline.image_inputs(dc, cfg),
+                                   cfg.image_token_id)
     length, patches = c.data.max_length, recipes.QWEN_PATCHES_PER_IMAGE
     ids = np.full(length, 100, np.int32)
     ids[10:10 + patches // 4] = cfg.image_token_id

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from medee_jax.models import from_pretrained
-from medee_jax.models.rope import mrope_position_ids
-from medee_jax.models.vision_layout import cu_window_seqlens, vision_layout
+from medee_jax.models.qwen2_5_vl.host import mrope_position_ids
+from medee_jax.models.qwen2_5_vl.vision_layout import cu_window_seqlens, vision_layout
 from tests.qwen_reference import (IMAGE_TOKEN, TEXT_VOCAB, assert_logits_close, hf_logits_and_positions, image_span,
                                   pad_rows, random_hf_model, tiny_hf_config)
 
@@ -110,7 +110,7 @@ def test_window_layout_matches_transformers():
     import torch
     from transformers.vision_utils import get_vision_window_index
 
-    from medee_jax.models.config import tiny_config
+    from medee_jax.models.qwen2_5_vl.config import tiny_config
 
     cfg = tiny_config().vision
     np.testing.assert_array_equal(cu_window_seqlens(vision_layout(np.array([GRID_C]), cfg)),

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medee_jax.models import PRESETS, abstract_model, config_from_hf_dict, hf
+from medee_jax.models import abstract_model, config_from_hf_dict, hf
+from medee_jax.models.qwen2_5_vl import keys as qwen_keys
+from medee_jax.models.qwen2_5_vl.config import PRESETS
 
 # Every preset: on the meta device even 72B builds in well under a second once torch is imported.
 CASES = list(PRESETS)
@@ -25,7 +27,7 @@ def torch_meta_tensors(cfg) -> tuple[dict[str, tuple[int, ...]], int]:
         model = Qwen2_5_VLForConditionalGeneration(hf_config)
     # named_parameters() lists a tied lm_head once (as the embedding): the count of distinct tensors.
     count = sum(p.numel() for p in model.parameters())
-    shapes = {hf.normalise_key(name): tuple(p.shape) for name, p in model.named_parameters()}
+    shapes = {qwen_keys.normalise_key(name): tuple(p.shape) for name, p in model.named_parameters()}
     return shapes, count
 
 
@@ -49,7 +51,7 @@ def test_preset_matches_transformers_structure(name):
     assert not mismatched, mismatched
     assert our_count == their_count
     for key in ours:  # every tensor name maps back through the key table (what the loader relies on)
-        assert hf.match_key(key) is not None, key
+        assert qwen_keys.match_key(key) is not None, key
 
 
 def test_7b_parameter_count_is_as_released():

@@ -11,7 +11,9 @@ import os
 import pytest
 
 from medee_jax import recipes
-from medee_jax.models.config import PRESETS as MODEL_PRESETS
+from medee_jax.models import presets
+
+MODEL_PRESETS = presets()
 from medee_jax.training import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

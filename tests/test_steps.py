@@ -13,8 +13,10 @@ from flax import nnx
 
 from medee_jax import losses
 from medee_jax.data.batching import BatchSpec
-from medee_jax.models.config import tiny_config
-from medee_jax.models.qwen2_5_vl import Qwen25VL
+from medee_jax.models.families import family_of
+from medee_jax.models.qwen2_5_vl.config import tiny_config
+from medee_jax.models.qwen2_5_vl.host import QwenImageInputs
+from medee_jax.models.qwen2_5_vl.model import Qwen25VL
 from medee_jax.training import steps
 from medee_jax.training.batches import DEVICE_KEYS, add_target_arrays, target_width
 from medee_jax.training.mesh import stack_shards
@@ -69,7 +71,8 @@ def model():
 
 def build(mode, items, targets=(16, 64), share_prompt=False):
     s = BatchSpec(mode=mode, batch_size=len(items), max_length=64, length_buckets=(64,), patch_buckets=(256,),
-                  image_token_id=IMAGE, vision=CFG.vision, packing=mode == "sft", share_prompt=share_prompt)
+                  image_token_id=IMAGE, images=QwenImageInputs(CFG.vision), packing=mode == "sft",
+                  share_prompt=share_prompt)
     batch = s.build(items)
     batch = add_target_arrays(batch, target_width([batch], targets))
     return stack_shards([{k: v for k, v in batch.items() if k in DEVICE_KEYS}])  # [S=1, ...]
@@ -110,7 +113,7 @@ def test_dpo_logps_on_targets_equal_full_logits(model, share_prompt):
     np.testing.assert_array_equal(lengths[0], shard["loss_mask"].sum(-1))
 
     # gradients with respect to the trainable parameters agree too
-    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(False, False), nnx.Param)
+    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(family_of(CFG), False, False), nnx.Param)
 
     def on_targets(p):
         m = nnx.merge(graphdef, p, frozen)
@@ -146,7 +149,7 @@ def test_accumulate_first_equals_accumulating_from_zero(model):
     rng = np.random.default_rng(3)
     pairs = with_random_pixels([make_pair(rng, 1, 1), make_pair(rng, 2, 0)], rng)
     batch = jax.tree.map(jnp.asarray, build("dpo", pairs))
-    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(False, False), nnx.Param)
+    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(family_of(CFG), False, False), nnx.Param)
     state = {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen),
              "ref": jax.tree.map(jnp.copy, nnx.to_pure_dict(params))}
     norms = {"pairs": jnp.float32(2.0), "chosen_tokens": jnp.float32(float(batch["loss_mask"][0, :2].sum()))}

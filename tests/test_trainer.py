@@ -63,6 +63,14 @@ def run(config, out, overrides, devices=1, env_extra=None, timeout=600):
     return dict(np.load(out))
 
 
+def run_many(args, devices=1, timeout=900):
+    """Runs several jobs (run_training.py arguments joined by --then) in one process."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, RUNNER, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def params_of(result):
     return {k: v for k, v in result.items() if k.startswith("params/")}
 
@@ -160,28 +168,74 @@ def test_frozen_vision_and_reference_do_not_change(sft_data, tmp_path):
     assert any(np.abs(moved[k] - params_before[k]).max() > 0 for k in moved)
 
 
-def test_kill_and_resume_is_exact(sft_data, tmp_path):
-    """SIGKILL after a checkpoint, restart with the same workdir: the final params equal an uninterrupted run."""
+@pytest.fixture(scope="module")
+def family_data(tmp_path_factory, demo_tokenizer_dir, internvl_tokenizer_dir):
+    """Per family: (the embedded model's config overrides, a small image demo set (multimodal SFT, DPO pairs))."""
+    from medee_jax.data.demo import generate_demo
+
+    paths = generate_demo(tmp_path_factory.mktemp("family_demo"), num_sft=4, num_pairs=16, num_eval=4)
+    image_data = {"data.max_length": 256, "data.length_buckets": (256,), "data.max_pixels": 224 * 224}
+    return paths, {
+        "qwen2_5_vl": {"data.tokenizer": str(demo_tokenizer_dir), **image_data},
+        "internvl": {"data.tokenizer": str(internvl_tokenizer_dir), "model.family": "internvl",
+                     "data.tile_buckets": (4, 8), **image_data},
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_family_steps_on_8_devices_equal_one_device(family_data, tmp_path, family):
+    """Each family's SFT and DPO steps with images (the family's vision part, frozen vision encoded once per pair)
+    on data=2 x fsdp=2 x tensor=2 simulated devices equal one device taking the same 4 examples per step."""
+    paths, extra = family_data
+    base = {**extra[family], "train.steps": 2, "optimizer.lr": 1e-4}
+    jobs = {}
+    mesh = {"data.batch_size": 1, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    for name, devices, shape in (("one", 1, {"data.batch_size": 4}), ("eight", 8, mesh)):
+        args = []
+        for mode, config in (("sft", SFT_CONFIG), ("dpo", DPO_CONFIG)):
+            train = str(paths["mm_sft_train" if mode == "sft" else "dpo_train"])
+            args += ["--then", config, str(tmp_path / f"{name}_{mode}.npz"),
+                     *common((train, ""), tmp_path / f"{name}_{mode}", **base, **shape)]
+        run_many(args[1:], devices=devices)
+        jobs[name] = {mode: dict(np.load(tmp_path / f"{name}_{mode}.npz")) for mode in ("sft", "dpo")}
+    for mode in ("sft", "dpo"):
+        one, eight = jobs["one"][mode], jobs["eight"][mode]
+        np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5, err_msg=mode)
+        assert one["losses"][-1] != one["losses"][0]
+        assert_same_params(eight, one, atol=2e-5)
+        assert any(k.startswith("frozen/vision" if family == "internvl" else "frozen/visual") for k in one)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_kill_and_resume_is_exact(sft_data, family_data, tmp_path, family):
+    """SIGKILL after a checkpoint, restart with the same workdir: the final params equal an uninterrupted run
+    (Qwen2.5-VL on text SFT; InternVL on DPO pairs with images, so the tiles' data state resumes too)."""
     steps = {"train.steps": 8, "train.checkpoint_every": 2, "data.batch_size": 4, "data.shuffle": True}
-    straight = run(SFT_CONFIG, tmp_path / "straight.npz", common(sft_data, tmp_path / "straight", **steps))
+    config = SFT_CONFIG
+    data = sft_data
+    if family == "internvl":
+        paths, extra = family_data
+        steps = {**extra[family], **steps, "data.batch_size": 2, "train.steps": 6}
+        config, data = DPO_CONFIG, (str(paths["dpo_train"]), "")
+    straight = run(config, tmp_path / "straight.npz", common(data, tmp_path / "straight", **steps))
     workdir = tmp_path / "killed"
-    overrides = common(sft_data, workdir, **steps)
+    overrides = common(data, workdir, **steps)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, RUNNER, SFT_CONFIG, str(tmp_path / "ignored.npz"), *overrides],
+    proc = subprocess.Popen([sys.executable, RUNNER, config, str(tmp_path / "ignored.npz"), *overrides],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if metrics.exists() and sum(1 for _ in open(metrics)) >= 5 and proc.poll() is None:
+        if metrics.exists() and sum(1 for _ in open(metrics)) >= steps["train.steps"] - 3 and proc.poll() is None:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "ignored.npz").exists(), "the run finished before it could be killed"
-    resumed = run(SFT_CONFIG, tmp_path / "resumed.npz", overrides)
-    assert int(resumed["steps"]) == 8
+    resumed = run(config, tmp_path / "resumed.npz", overrides)
+    assert int(resumed["steps"]) == steps["train.steps"]
     logged = [json.loads(line)["step"] for line in open(metrics) if "loss" in json.loads(line)]
-    assert logged == list(range(1, 9))  # the steps redone after the kill are logged once
+    assert logged == list(range(1, steps["train.steps"] + 1))  # the steps redone after the kill are logged once
     pa, pb = params_of(straight), params_of(resumed)
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
@@ -259,17 +313,26 @@ def write_pairs(path, n, seed=1):
                                 "rejected": {"from": "gpt", "value": f"No lesion; {bad}."}}) + "\n")
 
 
-def test_precomputed_reference_equals_frozen_copy(sft_data, tmp_path):
-    """One pass of the initial policy stores reference log-probs; training then matches the frozen-copy mode."""
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_precomputed_reference_equals_frozen_copy(sft_data, family_data, tmp_path, family):
+    """One pass of the initial policy stores reference log-probs; training then matches the frozen-copy mode
+    (Qwen2.5-VL on text pairs; InternVL on pairs with images, whose tiles the reference pass encodes too)."""
     from medee_jax.training.loop import Trainer
     from tests.run_training import flatten, load_config
 
-    pairs = tmp_path / "pairs.jsonl"
-    write_pairs(pairs, 12)
+    pairs, extra = tmp_path / "pairs.jsonl", {}
+    if family == "internvl":
+        paths, overrides = family_data
+        lines = open(paths["dpo_train"]).read().splitlines()[:12]
+        pairs.write_text("".join(json.dumps({**json.loads(line), "images": [
+            os.path.join(paths["root"], p) for p in json.loads(line)["images"]]}) + "\n" for line in lines))
+        extra = overrides[family]
+    else:
+        write_pairs(pairs, 12)
     runs = {}
     for mode in ("frozen", "precomputed"):
         config = load_config(DPO_CONFIG, common((str(pairs), sft_data[1]), tmp_path / mode,
-                                                **{"data.batch_size": 2, "dpo.reference": mode}))
+                                                **{**extra, "data.batch_size": 2, "dpo.reference": mode}))
         trainer = Trainer(config)
         result = trainer.run()
         assert result.stopped == "done"

@@ -29,7 +29,8 @@ GOAL_BASE_MB = 1.5 * 1024
 
 def bench_config(layers: int):
     """Qwen2.5-1.5B's decoder (tied embeddings) with the released Qwen2.5-VL vision tower."""
-    from medee_jax.models.config import Qwen25VLConfig, TextConfig, VisionConfig
+    from medee_jax.models.qwen2_5_vl.config import Qwen25VLConfig, VisionConfig
+    from medee_jax.models.text_config import TextConfig
 
     return Qwen25VLConfig(
         text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=layers,

@@ -74,10 +74,9 @@ def stage_costs(config, vision, n: int = 24) -> dict:
 
     source = open_source(config.paths)
     parse = pipeline.ParseRecord(config.mode, config.media_root)
-    images = pipeline.LoadImages(min_pixels=config.min_pixels, max_pixels=config.max_pixels,
-                                 max_patches=config.max_patches, patch_size=vision.patch_size,
-                                 temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size)
-    tokenize = pipeline.Tokenize(config.tokenizer_dir, config.max_length)
+    inputs = pipeline.image_inputs(config, vision)
+    images = pipeline.LoadImages(inputs, max_patches=config.max_patches)
+    tokenize = pipeline.Tokenize(config.tokenizer_dir, config.max_length, inputs)
     tokenize.map(images.map(parse.map(source[0])))  # load the tokenizer outside the timing
     times = {"read": 0.0, "parse": 0.0, "images": 0.0, "tokenize": 0.0}
     examples = []
@@ -96,8 +95,8 @@ def stage_costs(config, vision, n: int = 24) -> dict:
         times["images"] += t3 - t2
         times["tokenize"] += t4 - t3
         examples.append(ex)
-    tok = load_chat_tokenizer(config.tokenizer_dir)
-    spec = pipeline.batch_spec(config, vision, tok.image_token_id)
+    tok = load_chat_tokenizer(config.tokenizer_dir, **inputs.chat_tokens)
+    spec = pipeline.batch_spec(config, inputs, tok.image_token_id)
     warm = spec.new_packer()
     warm.add(examples[0])
     spec.build(warm.items)  # first-call imports and allocations outside the timing
@@ -186,7 +185,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from medee_jax.data.pipeline import DataConfig
-    from medee_jax.models.config import tiny_config
+    from medee_jax.models.qwen2_5_vl.config import tiny_config
 
     vision = tiny_config().vision  # patch 14, merge 2, window 112: the released models' layout parameters
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

@@ -29,7 +29,7 @@ steps; ``tokens_per_s`` = every token of every sequence in the step (prompt, ima
 rejected) / median step; ``peak_rss_mb`` = the process's peak resident memory (``getrusage``, whole run: load,
 compile, steps); ``step_peak_rss_mb`` = the peak during the timed steps alone (Linux: the high-water mark is reset
 before them); ``mfu`` = model FLOPs per step (text: ``metrics.flops_per_token`` x tokens; vision: frozen forward once
-per image, ``metrics.vision_flops_per_patch`` x patches) / median step / peak FLOP/s (CPU: this machine's measured
+per image, the family's ``vision_flops_per_unit`` x patches) / median step / peak FLOP/s (CPU: this machine's measured
 fp32 matmul peak, ``metrics.measure_cpu_matmul_peak``; ``--peak-flops`` overrides). Both frameworks use these same
 model FLOPs, so their MFU ratio is their throughput ratio. Also ``compile_s`` (the first step, compiling),
 ``tokens_per_step``, ``flops_per_token``, ``device``, ``rss_trail_mb`` (resident memory after imports, model, state,
@@ -195,14 +195,15 @@ def shape_summary(mode: str, examples: list[dict], image_token_id: int) -> dict:
 
 def model_flops_per_step(model_dir_or_cfg, mode: str, summary: dict) -> dict:
     """Model FLOPs of one step: text decoder (metrics.flops_per_token) + frozen vision forward once per image."""
-    from medee_jax.models.config import Qwen25VLConfig, load_config
+    from medee_jax.models import load_config
+    from medee_jax.models.families import family_of
     from medee_jax.training import metrics
 
-    cfg = model_dir_or_cfg if isinstance(model_dir_or_cfg, Qwen25VLConfig) else load_config(model_dir_or_cfg)
+    cfg = load_config(model_dir_or_cfg) if isinstance(model_dir_or_cfg, (str, os.PathLike)) else model_dir_or_cfg
     per_token = metrics.flops_per_token(cfg.text, seq_len=summary["seq_len"],
                                         mode="dpo_frozen_ref" if mode == "dpo" else "sft")
-    per_patch = metrics.vision_flops_per_patch(cfg.vision, trained=False,
-                                               patches_per_image=summary["patches_per_image"])
+    per_patch = family_of(cfg).config().vision_flops_per_unit(cfg, trained=False,
+                                                              units_per_image=summary["patches_per_image"])
     text = per_token * summary["tokens_per_step"]
     vision = per_patch * summary["patches_per_step"]
     return {"flops_per_token": per_token, "vision_flops_per_patch": per_patch, "text_flops_per_step": text,
@@ -358,8 +359,8 @@ def build_jax_model(config, mesh, model_dir: str | None, hf_config: dict):
     import jax.numpy as jnp
     from flax import nnx
 
-    from medee_jax.models.config import config_from_hf_dict
-    from medee_jax.models.qwen2_5_vl import Qwen25VL
+    from medee_jax.models import config_from_hf_dict
+    from medee_jax.models.families import family_of
     from medee_jax.training import setup
 
     if model_dir:
@@ -371,21 +372,23 @@ def build_jax_model(config, mesh, model_dir: str | None, hf_config: dict):
     else:
         reason = "random init (no --model-dir)"
     cfg = config_from_hf_dict(hf_config)
-    model = Qwen25VL(cfg, dtype=setup.DTYPES[config.model.dtype], param_dtype=jnp.float32,
-                     remat=config.model.remat, rngs=nnx.Rngs(config.seed))
+    model = family_of(cfg).model()(cfg, dtype=setup.DTYPES[config.model.dtype], param_dtype=jnp.float32,
+                                   remat=config.model.remat, rngs=nnx.Rngs(config.seed))
     return setup.place_on_mesh(model, mesh, dict(config.sharding_rules)), reason
 
 
 def host_batch(config, model_cfg, examples: list[dict], shards: int) -> dict:
     """The stacked host batch [S, ...] the loop's BatchSource would yield (one BatchSpec.build per shard)."""
     from medee_jax.data.batching import BatchSpec
+    from medee_jax.models.families import family_of
     from medee_jax.training.batches import DEVICE_KEYS, add_target_arrays, target_width
     from medee_jax.training.mesh import stack_shards
 
     d = config.data
+    family = family_of(model_cfg)
     spec = BatchSpec(mode=config.mode, batch_size=d.batch_size, max_length=d.max_length,
-                     length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d.patch_buckets),
-                     image_token_id=model_cfg.image_token_id, vision=model_cfg.vision, packing=False)
+                     length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d[family.bucket_field]),
+                     image_token_id=model_cfg.image_token_id, images=family.image_inputs(model_cfg), packing=False)
     built = []
     for s in range(shards):
         part = examples[s * d.batch_size:(s + 1) * d.batch_size]
@@ -403,6 +406,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
     from flax import nnx
 
     from medee_jax.data.batching import shared_prefix_length, shifted_targets
+    from medee_jax.models.families import family_of
     from medee_jax.training import loop, setup, steps
     from medee_jax.training.mesh import local_data_shards, make_mesh, to_global
 
@@ -433,7 +437,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
 
     # Trainer.__init__: options and the params/frozen split.
     opts = setup.step_options(config)
-    filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
+    filt = steps.trainable_filter(family_of(model_cfg), config.model.train_vision, config.model.train_projector)
     graphdef, params, frozen = nnx.split(model, filt, nnx.Param)
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     # Trainer._init_state on the attributes it reads (state, optimizer, schedule exactly as a run builds them).

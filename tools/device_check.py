@@ -204,7 +204,7 @@ def dpo_batch(rows, prompt_len, response_len, vocab, seed=0):
 
 
 def dpo_model_config(args):
-    from medee_jax.models.config import PRESETS, tiny_config
+    from medee_jax.models.qwen2_5_vl.config import PRESETS, tiny_config
 
     if args.smoke:
         cfg = tiny_config(vocab_size=1024)
@@ -246,13 +246,14 @@ def dpo_step_measure(cfg, policy, compute, batch, norms, num_steps):
     step (frozen bf16 reference copy, AdamW) on a fresh model; everything it allocated is freed on return."""
     from flax import nnx
 
-    from medee_jax.models.qwen2_5_vl import Qwen25VL
+    from medee_jax.models.families import family_of
+    from medee_jax.models.qwen2_5_vl.model import Qwen25VL
     from medee_jax.training import steps
 
     reset_peak_memory()
     model = Qwen25VL(cfg, dtype=compute, param_dtype=jnp.float32, remat=policy, rngs=nnx.Rngs(0))
-    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(False, False), nnx.Param)
-    params, frozen = params.to_pure_dict(), frozen.to_pure_dict()
+    graphdef, params, frozen = nnx.split(model, steps.trainable_filter(family_of(cfg), False, False), nnx.Param)
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     del model
     schedule = steps.warmup_cosine(1e-6, 100, 0.1)
     optimizer = steps.make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, params=params)

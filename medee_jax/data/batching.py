@@ -1,4 +1,8 @@
-"""Host-side batch assembly: packing, bucketed padding, M-RoPE positions, vision layout, scatter indices.
+"""Host-side batch assembly: packing, bucketed padding, positions, vision layout, scatter indices.
+
+What is specific to a model family comes from its `ImageInputs` (`BatchSpec.images`; see
+`medee_jax.models.families`): how images load, how many tokens and feature rows they give, their pixel layout,
+their position ids. A batch's images are "units" (rows of pixel_values: Qwen2.5-VL patches, InternVL tiles).
 
 Device batch contract (what `medee_jax.data.pipeline` yields and the trainer consumes; numpy arrays)
 =====================================================================================================
@@ -7,33 +11,39 @@ SFT batch, B rows of length L (L from `length_buckets`):
   input_ids        [B, L]    int32    token ids; padding is `pad_id` (0)
   attention_mask   [B, L]    int32    1 on real tokens, 0 on padding
   segment_ids      [B, L]    int32    1..k for the k examples packed in a row (left to right), 0 on padding
-  position_ids     [3, B, L] int32    M-RoPE (T, H, W) positions, restarting at 0 for every example; 0 on padding
+  position_ids     [*A, B, L] int32   the family's rotary positions (A = images.position_axes: Qwen2.5-VL M-RoPE
+                                      (T, H, W) [3, B, L], InternVL 1-D [B, L]), restarting at 0 for every
+                                      example; 0 on padding
   labels           [B, L]    int32    labels[b, t] = the token logits[b, t] predicts = input_ids[b, t + 1] when
                                       t + 1 is in the same example, else 0
   loss_mask        [B, L]    float32  1 where labels[b, t] is a training target (target_mask[t + 1] of the same
                                       example), else 0
-  only when at least one image is in the batch:
-  pixel_values     [P, 1176] float32  all images' patches, in the order their image tokens appear in the flattened
-                                      [B * L] batch; zero rows pad P up to a `patch_buckets` size (multiple of 4)
-  vision           dict of the `vision_layout(image_grid_thw, vision_cfg, pad_to=P)` arrays: rot_pos [P, 2],
-                   window_index [P/4], reverse_index [P/4], window_segments [P], image_segments [P] (int32)
-  image_token_index [P/4]    int32    flat index into [B * L] of the image token each merged feature row fills;
+  only when at least one image is in the batch (the family-specific vision part: pixel_values and vision):
+  pixel_values     [P, ...]  float32  all images' units, in the order their image tokens appear in the flattened
+                                      [B * L] batch; zero units pad P up to a `patch_buckets` size (a multiple of
+                                      images.unit_multiple). Qwen2.5-VL: patches [P, 1176]; InternVL: tiles
+                                      [P, 3, S, S]
+  vision           dict of the family's layout arrays (`images.layout(info, pad_to=P)`): Qwen2.5-VL rot_pos
+                   [P, 2], window_index [P/4], reverse_index [P/4], window_segments [P], image_segments [P] (int32);
+                   InternVL none (an empty dict)
+  image_token_index [F]      int32    flat index into [B * L] of the image token each feature row fills
+                                      (F = images.num_features(P): P/4 for Qwen2.5-VL, 256·P for InternVL3);
                                       B * L (out of range, dropped) for padding feature rows
   A text-only batch has none of these three vision keys: the vision tower must not run for it.
 
 DPO batch, n = batch_size pairs, 2n rows: [chosen_0 .. chosen_{n-1}, rejected_0 .. rejected_{n-1}]:
-  input_ids, attention_mask, segment_ids, position_ids, labels, loss_mask as above ([2n, L], [3, 2n, L]); each
+  input_ids, attention_mask, segment_ids, position_ids, labels, loss_mask as above ([2n, L], [*A, 2n, L]); each
   row is one sequence (segment id 1 on its tokens) with its own labels, loss mask (the completion) and positions;
   num_target_tokens [2n]     int32    loss_mask.sum(-1): the completion length |y| (for ipo / sigmoid_norm)
   pair_mask        [n]       float32  1 for real pairs, 0 for padding pairs (a short final batch, or a batch cut
                                       early by the patch budget); padding pairs have all-zero rows
   ref_logps        [2n]      float32  only when the records carry precomputed reference log-probs
                                       ("ref_chosen_logps", "ref_rejected_logps"): per row, 0 for padding pairs
-  with images: pixel_values [P, 1176] holds each pair's images once (pair order), vision as above, and
-  image_token_index [2, P/4] int32: row 0 the flat [2n * L] slots in the chosen rows, row 1 the slots in the
+  with images: pixel_values holds each pair's images once (pair order), vision as above, and
+  image_token_index [2, F] int32: row 0 the flat [2n * L] slots in the chosen rows, row 1 the slots in the
   rejected rows (feature f goes to both), 2n * L for padding feature rows.
 
-`forward_inputs(batch)` returns the keys `Qwen25VL.forward` takes. Shapes come only from the bucket lists, so a
+`forward_inputs(batch)` returns the keys a model's `forward` takes. Shapes come only from the bucket lists, so a
 run compiles at most len(length_buckets) × (len(patch_buckets) + 1) programs per mode.
 
 Packing (SFT): examples are taken in order and placed first-fit into the B rows of the current batch (row capacity
@@ -45,14 +55,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # the models package imports jax; keep it out of data worker processes
-    from medee_jax.models.config import VisionConfig
-
-# Keys of a device batch that `Qwen25VL.forward` takes.
+# Keys of a device batch that a model's `forward` takes.
 FORWARD_KEYS = (
     "input_ids", "position_ids", "attention_mask", "segment_ids", "pixel_values", "vision", "image_token_index",
 )
@@ -81,7 +88,7 @@ def default_length_buckets(max_length: int, smallest: int = 128) -> tuple[int, .
 
 
 def default_patch_buckets(max_patches: int, smallest: int = 256, multiple: int = 4) -> tuple[int, ...]:
-    """Patch-count buckets: 256, 512, ... and max_patches (rounded up to a multiple of 4) last."""
+    """Vision-unit buckets: 256, 512, ... and max_patches (rounded up to a multiple of `multiple`) last."""
     top = -(-max_patches // multiple) * multiple
     return power_of_two_buckets(min(smallest, top), top)
 
@@ -126,16 +133,17 @@ def pick_bucket(size: int, buckets: Sequence[int]) -> int:
 # Examples (what the tokenize stage of the pipeline produces; plain dicts so Grain moves arrays via shared memory)
 #
 # SFT example:  {"input_ids": int32 [n], "target_mask": int32 [n], "source": "file:line",
-#                "pixel_values": float32 [p, 1176], "image_grid_thw": int64 [k, 3]}   (last two only with images)
-#   pixel_values may instead be the uint8 patches [p, 588] of `images.qwen2_vl_patches` (what the pipeline's
-#   LoadImages gives): batch assembly normalises them into the batch's float32 [P, 1176] (same values).
+#                "pixel_values": [p, ...], images.info_key: per-image info}   (last two only with images)
+#   pixel_values are what the family's `ImageInputs.load` gives (Qwen2.5-VL: uint8 patches [p, 588] or float32
+#   [p, 1176], info "image_grid_thw" [k, 3]; InternVL: float32 tiles [p, 3, S, S], info "image_num_patches" [k]);
+#   batch assembly turns them into the batch's float32 pixel_values (`ImageInputs.pixel_batch`).
 # DPO example:  {"chosen_input_ids", "chosen_target_mask", "rejected_input_ids", "rejected_target_mask",
-#                "source", and "pixel_values", "image_grid_thw" with images, "ref_logps" float32 [2] (chosen, rejected)
-#                when the record has precomputed reference log-probs}
+#                "source", and "pixel_values", images.info_key with images, "ref_logps" float32 [2] (chosen,
+#                rejected) when the record has precomputed reference log-probs}
 
 
 def example_patches(example: dict) -> int:
-    """Number of vision patches (pixel_values rows) of an example."""
+    """Number of vision units (pixel_values rows: patches or tiles) of an example."""
     pixels = example.get("pixel_values")
     return 0 if pixels is None else int(pixels.shape[0])
 
@@ -162,7 +170,9 @@ def shifted_targets(input_ids: np.ndarray, target_mask: np.ndarray) -> tuple[np.
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """Static batch settings. batch_size counts rows for SFT and pairs for DPO (2 × batch_size rows)."""
+    """Static batch settings. batch_size counts rows for SFT and pairs for DPO (2 × batch_size rows).
+    patch_buckets: the batch sizes of vision units (patches or tiles); images: the family's `ImageInputs`
+    (its image token id is set to `image_token_id`)."""
 
     mode: str  # "sft" | "dpo"
     batch_size: int
@@ -170,7 +180,7 @@ class BatchSpec:
     length_buckets: tuple[int, ...]
     patch_buckets: tuple[int, ...]
     image_token_id: int
-    vision: "VisionConfig"
+    images: Any
     packing: bool = True
     pad_id: int = 0
     share_prompt: bool = False  # DPO: one row per pair, [prompt | chosen | rejected] (see dpo_shared_prompt_batch)
@@ -180,8 +190,10 @@ class BatchSpec:
             raise ValueError(f"mode must be 'sft' or 'dpo', got {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.images.image_token_id != self.image_token_id:
+            object.__setattr__(self, "images", dataclasses.replace(self.images, image_token_id=self.image_token_id))
         problems = bucket_problems(self.max_length, self.length_buckets, self.patch_buckets,
-                                   merge_unit=self.vision.spatial_merge_size**2)
+                                   merge_unit=self.images.unit_multiple)
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "length_buckets", tuple(sorted({int(b) for b in self.length_buckets})))
@@ -205,7 +217,7 @@ class BatchSpec:
 
     @property
     def max_patches(self) -> int:
-        """Patch budget of one batch (the largest patch bucket)."""
+        """Vision-unit budget of one batch (the largest patch bucket)."""
         return self.patch_buckets[-1]
 
     def new_packer(self) -> "Packer":
@@ -252,7 +264,8 @@ class Packer:
             raise ValueError(f"{example.get('source')}: {n} tokens exceed max_length {spec.max_length}")
         n = spec.row_length(example)
         if p > spec.max_patches:
-            raise ValueError(f"{example.get('source')}: {p} patches exceed the largest patch bucket {spec.max_patches}")
+            raise ValueError(f"{example.get('source')}: {p} {spec.images.unit_name} exceed the largest patch bucket "
+                             f"{spec.max_patches}")
         if self.patches + p > spec.max_patches:
             return False
         if spec.mode == "dpo":
@@ -275,47 +288,16 @@ class Packer:
 # Assembly
 
 
-def _vision_arrays(pixels: list[np.ndarray], grids: list[np.ndarray], spec: BatchSpec) -> dict[str, Any]:
-    """pixel_values padded to a patch bucket and the vision layout; {} without images."""
-    from medee_jax.models.vision_layout import vision_layout
-
+def _vision_arrays(pixels: list[np.ndarray], infos: list, spec: BatchSpec) -> dict[str, Any]:
+    """pixel_values padded to a bucket, the family's layout arrays and the feature count; {} without images."""
     if not pixels:
         return {}
     total = sum(int(p.shape[0]) for p in pixels)
     bucket = pick_bucket(total, spec.patch_buckets)
-    pixel_values = _pixel_buffer(pixels, bucket, spec)  # [P, 1176]
-    layout = vision_layout(np.concatenate(grids, axis=0), spec.vision, pad_to=bucket)
-    return {"pixel_values": pixel_values, "vision": layout.arrays(), "num_valid_patches": total}
-
-
-def _pixel_buffer(pixels: list[np.ndarray], bucket: int, spec: BatchSpec) -> np.ndarray:
-    """float32 [bucket, C*T*P*P]: the examples' pixel rows in order, then zero rows.
-
-    float32 rows are copied as they are; uint8 rows (`images.qwen2_vl_patches`, one frame, not yet normalised)
-    are normalised straight into the buffer, the same values `qwen2_vl_preprocess` gives.
-    """
-    width = _pixel_width(pixels, spec)
-    out = np.empty((bucket, width), np.float32)  # [P, 1176]
-    start = 0
-    for rows in pixels:
-        stop = start + int(rows.shape[0])
-        if rows.dtype == np.uint8:
-            from medee_jax.data.images import normalize_patches
-
-            normalize_patches(rows, width // rows.shape[1], out=out[start:stop])
-        else:
-            out[start:stop] = rows
-        start = stop
-    out[start:] = 0.0
-    return out
-
-
-def _pixel_width(pixels: list[np.ndarray], spec: BatchSpec) -> int:
-    """Row length of the batch's pixel_values: that of its float32 rows, else C*T*P*P of the uint8 patches."""
-    for rows in pixels:
-        if rows.dtype != np.uint8:
-            return int(rows.shape[1])
-    return int(pixels[0].shape[1]) * spec.vision.temporal_patch_size
+    images = spec.images
+    return {"pixel_values": images.pixel_batch(pixels, bucket),
+            "vision": images.layout(images.concat_info(infos), pad_to=bucket),
+            "features": images.num_features(total), "feature_rows": images.num_features(bucket)}
 
 
 def _image_slots(input_ids: np.ndarray, attention_mask: np.ndarray, rows: slice, spec: BatchSpec) -> np.ndarray:
@@ -328,12 +310,9 @@ def _image_slots(input_ids: np.ndarray, attention_mask: np.ndarray, rows: slice,
     return (hits + lo).astype(np.int32)
 
 
-def _positions(input_ids, grids, attention_mask, segment_ids, spec: BatchSpec) -> np.ndarray:
-    from medee_jax.models.rope import mrope_position_ids
-
-    grid = np.concatenate(grids, axis=0) if grids else None
-    return mrope_position_ids(input_ids, grid, attention_mask, segment_ids, image_token_id=spec.image_token_id,
-                              spatial_merge_size=spec.vision.spatial_merge_size)
+def _positions(input_ids, infos, attention_mask, segment_ids, spec: BatchSpec) -> np.ndarray:
+    images = spec.images
+    return images.positions(input_ids, images.concat_info(infos), attention_mask, segment_ids)
 
 
 def sft_batch(rows: list[list[dict]], spec: BatchSpec) -> dict[str, Any]:
@@ -348,7 +327,7 @@ def sft_batch(rows: list[list[dict]], spec: BatchSpec) -> dict[str, Any]:
     segment_ids = np.zeros((b, length), np.int32)
     labels = np.zeros((b, length), np.int32)
     loss_mask = np.zeros((b, length), np.float32)
-    pixels, grids = [], []
+    pixels, infos = [], []
     for r, row in enumerate(rows):
         offset = 0
         for k, ex in enumerate(row):
@@ -362,22 +341,21 @@ def sft_batch(rows: list[list[dict]], spec: BatchSpec) -> dict[str, Any]:
             if example_patches(ex):
                 # Rows in order, examples left to right within a row: the flattened order of their image tokens.
                 pixels.append(ex["pixel_values"])
-                grids.append(np.asarray(ex["image_grid_thw"], np.int64).reshape(-1, 3))
+                infos.append(ex[spec.images.info_key])
             offset += n
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "segment_ids": segment_ids,
-        "position_ids": _positions(input_ids, grids, attention_mask, segment_ids, spec),
+        "position_ids": _positions(input_ids, infos, attention_mask, segment_ids, spec),
         "labels": labels,
         "loss_mask": loss_mask,
     }
-    vision = _vision_arrays(pixels, grids, spec)
+    vision = _vision_arrays(pixels, infos, spec)
     if vision:
-        unit = spec.vision.spatial_merge_size**2
         slots = _image_slots(input_ids, attention_mask, slice(0, b), spec)
-        _check_slots(slots.size, vision["num_valid_patches"] // unit)
-        index = np.full(vision["pixel_values"].shape[0] // unit, b * length, np.int32)  # [P/4]
+        _check_slots(slots.size, vision["features"])
+        index = np.full(vision["feature_rows"], b * length, np.int32)  # [F]
         index[: slots.size] = slots
         batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
     return batch
@@ -395,7 +373,7 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
     labels = np.zeros((rows, length), np.int32)
     loss_mask = np.zeros((rows, length), np.float32)
     pair_mask = np.zeros((n,), np.float32)
-    pixels, grids = [], []
+    pixels, infos = [], []
     for i, pair in enumerate(pairs):
         pair_mask[i] = 1.0
         for row, side in ((i, "chosen"), (n + i, "rejected")):
@@ -406,14 +384,14 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
             labels[row, :k], loss_mask[row, :k] = shifted_targets(ids, np.asarray(pair[f"{side}_target_mask"]))
         if example_patches(pair):
             pixels.append(pair["pixel_values"])
-            grids.append(np.asarray(pair["image_grid_thw"], np.int64).reshape(-1, 3))
+            infos.append(pair[spec.images.info_key])
     segment_ids = attention_mask.copy()
     # Positions: the chosen rows consume every pair's images in order, then the rejected rows the same again.
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "segment_ids": segment_ids,
-        "position_ids": _positions(input_ids, grids + grids, attention_mask, None, spec),
+        "position_ids": _positions(input_ids, infos + infos, attention_mask, None, spec),
         "labels": labels,
         "loss_mask": loss_mask,
         "num_target_tokens": loss_mask.sum(axis=1).astype(np.int32),
@@ -423,14 +401,12 @@ def dpo_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any]:
     ref = _reference_logps(pairs, n)
     if ref is not None:
         batch["ref_logps"] = ref
-    vision = _vision_arrays(pixels, grids, spec)
+    vision = _vision_arrays(pixels, infos, spec)
     if vision:
-        unit = spec.vision.spatial_merge_size**2
-        features = vision["pixel_values"].shape[0] // unit
-        index = np.full((2, features), rows * length, np.int32)  # [2, P/4]
+        index = np.full((2, vision["feature_rows"]), rows * length, np.int32)  # [2, F]
         for side, span in ((0, slice(0, n)), (1, slice(n, rows))):
             slots = _image_slots(input_ids, attention_mask, span, spec)
-            _check_slots(slots.size, vision["num_valid_patches"] // unit)
+            _check_slots(slots.size, vision["features"])
             index[side, : slots.size] = slots
         batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
     return batch
@@ -457,15 +433,14 @@ def dpo_shared_prompt_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any
     ``branch_ids`` (0 prompt, 1 chosen, 2 rejected) a completion token attends to the prompt and to its own
     completion only, and takes the positions it has in its own sequence, so every hidden state equals that of the
     unshared layout. Row keys ([n, L]): input_ids, attention_mask, segment_ids (1 on tokens), branch_ids,
-    position_ids [3, n, L]; image_token_index [P/4] (one row per pair: the features go in once).
+    position_ids [*A, n, L]; image_token_index [F] (one row per pair: the features go in once).
 
     Targets stay per sequence, chosen then rejected ([2n, L], the unshared layout's labels and loss_mask), with
     where each sits in the rows: sequence_row [2n] and sequence_position [2n, L] (host-only; the trainer turns
     them into target_row / target_index). The last prompt token predicts the first token of both completions.
     num_target_tokens, pair_mask, ref_logps and sources as in `dpo_batch`.
     """
-    from medee_jax.models.rope import mrope_positions_for_sequence
-
+    images = spec.images
     n = spec.batch_size
     if not 0 < len(pairs) <= n:
         raise ValueError(f"expected 1..{n} pairs, got {len(pairs)}")
@@ -474,17 +449,17 @@ def dpo_shared_prompt_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any
     input_ids = np.full((n, length), spec.pad_id, np.int32)  # [n, L]
     attention_mask = np.zeros((n, length), np.int32)
     branch_ids = np.zeros((n, length), np.int32)
-    position_ids = np.zeros((3, n, length), np.int32)
+    position_ids = np.zeros((*images.position_axes, n, length), np.int32)
     labels = np.zeros((2 * n, seq_length), np.int32)  # [2n, Ls] per sequence, chosen then rejected
     loss_mask = np.zeros((2 * n, seq_length), np.float32)
     sequence_row = np.concatenate([np.arange(n), np.arange(n)]).astype(np.int32)  # [2n]
     sequence_position = np.zeros((2 * n, seq_length), np.int32)
     pair_mask = np.zeros((n,), np.float32)
-    pixels, grids = [], []
+    pixels, infos = [], []
     for i, pair in enumerate(pairs):
         pair_mask[i] = 1.0
         prefix = shared_prefix_length(pair)
-        grid = np.asarray(pair.get("image_grid_thw", np.zeros((0, 3))), np.int64).reshape(-1, 3)
+        info = images.concat_info([pair[images.info_key]] if images.info_key in pair else [])
         start = prefix
         for s, side in ((i, "chosen"), (n + i, "rejected")):
             ids = np.asarray(pair[f"{side}_input_ids"], np.int32)
@@ -496,18 +471,17 @@ def dpo_shared_prompt_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any
             input_ids[i, start:stop] = ids[prefix:]
             attention_mask[i, start:stop] = 1
             branch_ids[i, start:stop] = 1 if side == "chosen" else 2
-            positions, _ = mrope_positions_for_sequence(ids, grid, image_token_id=spec.image_token_id,
-                                                        spatial_merge_size=spec.vision.spatial_merge_size)
-            position_ids[:, i, start:stop] = positions[:, prefix:]
+            positions = images.sequence_positions(ids, info)  # [*A, k]
+            position_ids[..., i, start:stop] = positions[..., prefix:]
             if side == "chosen":
                 input_ids[i, :prefix], attention_mask[i, :prefix] = ids[:prefix], 1
-                position_ids[:, i, :prefix] = positions[:, :prefix]
+                position_ids[..., i, :prefix] = positions[..., :prefix]
             labels[s, :k], loss_mask[s, :k] = shifted_targets(ids, np.asarray(pair[f"{side}_target_mask"]))
             sequence_position[s, :k] = np.concatenate([np.arange(prefix), np.arange(start, stop)])
             start = stop
         if example_patches(pair):
             pixels.append(pair["pixel_values"])
-            grids.append(grid)
+            infos.append(info)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -525,12 +499,11 @@ def dpo_shared_prompt_batch(pairs: list[dict], spec: BatchSpec) -> dict[str, Any
     ref = _reference_logps(pairs, n)
     if ref is not None:
         batch["ref_logps"] = ref
-    vision = _vision_arrays(pixels, grids, spec)
+    vision = _vision_arrays(pixels, infos, spec)
     if vision:
-        unit = spec.vision.spatial_merge_size**2
-        index = np.full((vision["pixel_values"].shape[0] // unit,), n * length, np.int32)  # [P/4]
+        index = np.full((vision["feature_rows"],), n * length, np.int32)  # [F]
         slots = _image_slots(input_ids, attention_mask, slice(0, n), spec)
-        _check_slots(slots.size, vision["num_valid_patches"] // unit)
+        _check_slots(slots.size, vision["features"])
         index[: slots.size] = slots
         batch.update(pixel_values=vision["pixel_values"], vision=vision["vision"], image_token_index=index)
     return batch
@@ -562,7 +535,7 @@ def _check_slots(tokens: int, features: int) -> None:
 
 
 def forward_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The subset of a device batch that `Qwen25VL.forward` takes (no vision keys for text-only batches)."""
+    """The subset of a device batch that a model's `forward` takes (no vision keys for text-only batches)."""
     return {k: batch[k] for k in FORWARD_KEYS if k in batch}
 
 

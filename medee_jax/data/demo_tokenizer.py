@@ -1,4 +1,5 @@
-"""A small Qwen2.5-VL-shaped tokenizer, trained offline, for tests and the offline demo.
+"""A small Qwen2.5-VL-shaped tokenizer, trained offline, for tests and the offline demo (and its InternVL3 "-hf"
+flavour).
 
 `build_demo_tokenizer(out_dir)` trains a byte-level BPE (the Qwen2 pre-tokenizer: NFC, the Qwen split regex,
 byte-level) on a built-in corpus of medical-style English, appends Qwen2.5-VL's added tokens in Qwen's order
@@ -7,6 +8,11 @@ byte-level) on a built-in corpus of medical-style English, appends Qwen2.5-VL's 
 `</think>` as normal added tokens), and writes tokenizer.json + tokenizer_config.json with a Qwen2.5-VL-style chat
 template, so `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it without a network. The output is the
 same bytes on every run.
+
+`build_demo_tokenizer(out_dir, flavour="internvl")` writes the same vocabulary plus InternVL3's added tokens
+(`<img>`, `</img>`, `<IMG_CONTEXT>`, `<quad>` … `</box>`, `<video>`, special, after Qwen's; the named ones as
+`start_image_token`, `end_image_token`, `context_image_token`, `video_token`) and InternVL3's "-hf" chat template
+(no default system prompt; an image part renders `<IMG_CONTEXT>\n`).
 
 The ids differ from the real Qwen vocabulary (151643…); code must look special tokens up by their text.
 """
@@ -65,16 +71,9 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</think>", False),
 )
 
-# Qwen2.5-VL's chat rendering: a default system prompt when the conversation does not start with one; each image
-# part → <|vision_start|><|image_pad|><|vision_end|> (video parts likewise with <|video_pad|>); content may be a
-# string or a list of {type: image|video|text} parts. Assistant content is wrapped in {% generation %} so that
-# `return_assistant_tokens_mask=True` works with this template (the real Qwen template lacks it; medee_jax does
-# not rely on it).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
-    "{%- endif -%}"
+# The parts of a turn both flavours render alike: the header, the assistant's text parts (as a generation span),
+# then the other roles' parts loop (each flavour writes its own image / video / text branches) and the closing.
+_TURN_OPEN = (
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['role'] == 'assistant' -%}{%- generation -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
@@ -85,11 +84,8 @@ CHAT_TEMPLATE = (
     "{%- endgeneration -%}{%- else -%}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+)
+_TURN_CLOSE = (
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
@@ -97,6 +93,46 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+# Qwen2.5-VL's chat rendering: a default system prompt when the conversation does not start with one; each image
+# part → <|vision_start|><|image_pad|><|vision_end|> (video parts likewise with <|video_pad|>); content may be a
+# string or a list of {type: image|video|text} parts. Assistant content is wrapped in {% generation %} so that
+# `return_assistant_tokens_mask=True` works with this template (the real Qwen template lacks it; medee_jax does
+# not rely on it).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    + _TURN_OPEN +
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+    + _TURN_CLOSE
+)
+
+# InternVL3's added tokens after Qwen's (transformers' InternVL conversion adds them in this order).
+INTERNVL_ADDED_TOKENS: tuple[tuple[str, bool], ...] = tuple(
+    (t, True) for t in ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                        "<video>"))
+# Named special tokens of InternVL3's "-hf" tokenizer (what transformers' InternVLProcessor reads).
+INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+# InternVL3 "-hf" chat rendering: `<|im_start|>role\n...<|im_end|>\n` turns, no default system prompt, each image
+# part -> `<IMG_CONTEXT>\n` (the processor expands it to <img> + <IMG_CONTEXT> x 256 per tile + </img>).
+INTERNVL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    + _TURN_OPEN +
+    "{%- if part['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<video>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}"
+    + _TURN_CLOSE
+)
+
+FLAVOURS = ("qwen2_5_vl", "internvl")
 
 _PROSE = """\
 A 45-year-old man presents to the emergency department with acute chest pain radiating to the left arm.
@@ -279,7 +315,13 @@ def demo_corpus() -> list[str]:
     return lines
 
 
-def _train_tokenizer() -> Tokenizer:
+def _added_tokens(flavour: str) -> tuple[tuple[str, bool], ...]:
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown demo tokenizer flavour {flavour!r}; known: {', '.join(FLAVOURS)}")
+    return ADDED_TOKENS + (INTERNVL_ADDED_TOKENS if flavour == "internvl" else ())
+
+
+def _train_tokenizer(flavour: str = "qwen2_5_vl") -> Tokenizer:
     tokenizer = Tokenizer(
         models.BPE(
             dropout=None,
@@ -311,7 +353,7 @@ def _train_tokenizer() -> Tokenizer:
         raise RuntimeError(
             f"demo corpus too small: learned {tokenizer.get_vocab_size()} tokens, wanted {BPE_VOCAB_SIZE}"
         )
-    for text, special in ADDED_TOKENS:
+    for text, special in _added_tokens(flavour):
         token = AddedToken(text, special=special, normalized=not special, single_word=False, lstrip=False,
                            rstrip=False)
         if special:
@@ -321,9 +363,9 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _tokenizer_config(tokenizer: Tokenizer) -> dict:
+def _tokenizer_config(tokenizer: Tokenizer, flavour: str = "qwen2_5_vl") -> dict:
     added = {}
-    for text, special in ADDED_TOKENS:
+    for text, special in _added_tokens(flavour):
         added[str(tokenizer.token_to_id(text))] = {
             "content": text,
             "lstrip": False,
@@ -337,11 +379,12 @@ def _tokenizer_config(tokenizer: Tokenizer) -> dict:
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": INTERNVL_CHAT_TEMPLATE if flavour == "internvl" else CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
-        "extra_special_tokens": [text for text, special in ADDED_TOKENS[1:] if special],
+        "extra_special_tokens": (dict(INTERNVL_NAMED_TOKENS) if flavour == "internvl" else
+                                 [text for text, special in _added_tokens(flavour)[1:] if special]),
         "model_max_length": 32768,
         "pad_token": "<|endoftext|>",
         "split_special_tokens": False,
@@ -350,21 +393,22 @@ def _tokenizer_config(tokenizer: Tokenizer) -> dict:
     }
 
 
-def build_demo_tokenizer(out_dir: str | os.PathLike) -> dict[str, int]:
-    """Writes tokenizer.json and tokenizer_config.json into out_dir; returns {added token text: id}."""
+def build_demo_tokenizer(out_dir: str | os.PathLike, flavour: str = "qwen2_5_vl") -> dict[str, int]:
+    """Writes tokenizer.json and tokenizer_config.json into out_dir; returns {added token text: id}.
+    ``flavour``: "qwen2_5_vl" (Qwen2.5-VL's added tokens and chat template) or "internvl" (see the module doc)."""
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tokenizer = _train_tokenizer()
+    tokenizer = _train_tokenizer(flavour)
     files = {
         "tokenizer.json": tokenizer.to_str(pretty=True),
-        "tokenizer_config.json": json.dumps(_tokenizer_config(tokenizer), indent=2, ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(_tokenizer_config(tokenizer, flavour), indent=2, ensure_ascii=False),
     }
     for name, text in files.items():
         tmp = os.path.join(out_dir, f".{name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
         os.replace(tmp, os.path.join(out_dir, name))
-    return {text: tokenizer.token_to_id(text) for text, _ in ADDED_TOKENS}
+    return {text: tokenizer.token_to_id(text) for text, _ in _added_tokens(flavour)}
 
 
 if __name__ == "__main__":

@@ -44,11 +44,10 @@ from medee_jax.data import batching, errors, formats
 from medee_jax.data.batching import BatchSpec
 from medee_jax.data.errors import BadRecordCounter, BadRecordError
 from medee_jax.data.dataset_files import data_files, open_dataset
-from medee_jax.data.images import (QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, check_high_bit_depth, load_image,
-                                   normalize_patches, prescale_image, qwen2_vl_patches)
+from medee_jax.data.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, check_high_bit_depth
 from medee_jax.data.sources import RawRecord
 
-# Reason code for an example whose images alone exceed the largest patch bucket (not in errors.py's list).
+# Reason code for an example whose images alone exceed the largest vision-unit bucket (not in errors.py's list).
 TOO_MANY_PATCHES = "too_many_image_patches"
 # Arrays of at least this many bytes go from the workers through shared memory, smaller ones are pickled.
 MIN_SHM_BYTES = 768 << 10
@@ -60,7 +59,7 @@ MIN_SHM_BYTES = 768 << 10
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Everything the input pipeline needs besides the model's vision settings.
+    """Everything the input pipeline needs besides the model's family and vision settings.
 
     paths: data files (.jsonl, .json array, .array_record, .parquet, .arrow), folders, globs or
       "dataset_info.json:entry" (`medee_jax.data.dataset_files`); one string or several.
@@ -69,8 +68,8 @@ class DataConfig:
     mode: "sft" (Conversation records, assistant turns are targets) or "dpo" (preference pairs).
     batch_size: rows per SFT batch; pairs per DPO batch (2 × batch_size rows).
     max_length: tokens per sequence (longer ones are truncated by the tokenizer); SFT row capacity when packing.
-    length_buckets / patch_buckets: padded sizes of L and of the patch count P (None: powers of two up to
-      max_length / max_patches). The largest patch bucket is the per-batch patch budget.
+    length_buckets / patch_buckets: padded sizes of L and of the vision-unit count P (patches for Qwen2.5-VL, tiles
+      for InternVL; None: powers of two up to max_length / max_patches). The largest is the per-batch budget.
     packing: SFT only; several examples per row.
     seed, shuffle, num_epochs (None: forever).
     shard_index / shard_count: this host's shard (None: jax.process_index() / jax.process_count());
@@ -80,6 +79,7 @@ class DataConfig:
     min_pixels / max_pixels: Qwen2-VL image resizing bounds; image_max_pixels > 0 first shrinks larger images to
       that area (LLaMA-Factory's `image_max_pixels`), keeping the aspect ratio.
     high_bit_depth: how 16-bit / float images become 8-bit: "min_max" | "bit_depth" | "refuse" (`images.to_8bit`).
+    min_tiles / max_tiles: InternVL tiles per image (before its thumbnail tile).
     on_bad_record: "raise" | "skip".  media_root: folder image paths are relative to (default: the data file's).
     index_cache: keep JSONL line indexes in `<file>.index.npz` sidecars.
     share_prompt: DPO only; one row per pair with the prompt once (`batching.dpo_shared_prompt_batch`).
@@ -108,6 +108,8 @@ class DataConfig:
     max_pixels: int = QWEN_MAX_PIXELS
     image_max_pixels: int = 0
     high_bit_depth: str = "min_max"
+    min_tiles: int = 1
+    max_tiles: int = 12
     on_bad_record: str = "raise"
     media_root: str | None = None
     index_cache: bool = False
@@ -158,11 +160,11 @@ class DataConfig:
         return grain.sharding.ShardOptions(self.shard_index, self.shard_count, self.drop_remainder)
 
 
-def batch_spec(config: DataConfig, vision, image_token_id: int) -> BatchSpec:
-    """The static batch settings for `config` and the model's `VisionConfig`."""
-    unit = vision.spatial_merge_size**2
+def batch_spec(config: DataConfig, images, image_token_id: int) -> BatchSpec:
+    """The static batch settings for `config` and the model family's `ImageInputs`."""
     length_buckets = config.length_buckets or batching.default_length_buckets(config.max_length)
-    patch_buckets = config.patch_buckets or batching.default_patch_buckets(config.max_patches, multiple=unit)
+    patch_buckets = config.patch_buckets or batching.default_patch_buckets(config.max_patches,
+                                                                           multiple=images.unit_multiple)
     return BatchSpec(
         mode=config.mode,
         batch_size=config.batch_size,
@@ -170,7 +172,7 @@ def batch_spec(config: DataConfig, vision, image_token_id: int) -> BatchSpec:
         length_buckets=tuple(length_buckets),
         patch_buckets=tuple(patch_buckets),
         image_token_id=int(image_token_id),
-        vision=vision,
+        images=images,
         packing=config.packing and config.mode == "sft",
         share_prompt=config.share_prompt and config.mode == "dpo",
     )
@@ -260,22 +262,14 @@ def _decode_json(data: bytes, ref: formats.RecordRef) -> dict:
 
 
 class LoadImages(grain.transforms.Map):
-    """Adds "pixel_values" and "image_grid_thw" [k, 3] (Qwen2-VL preprocessing) for records with images.
+    """Adds "pixel_values" and the family's per-image info (`images.info_key`) for records with images, as the
+    family's `ImageInputs.load` gives them (Qwen2.5-VL: uint8 patches [p, 588], 8x fewer bytes to move between
+    processes than float32 [p, 1176], normalised by batch assembly into the same float32 values; InternVL: float32
+    tiles [p, 3, S, S])."""
 
-    pixel_values are uint8 patches [p, 588] (`images.qwen2_vl_patches`: 8x fewer bytes to move between processes
-    than float32 [p, 1176]); batch assembly normalises them into the batch's float32 pixel_values, which are
-    bit for bit `qwen2_vl_preprocess`'s. `normalize=True` gives float32 [p, 1176] here instead.
-    """
-
-    def __init__(self, *, min_pixels: int, max_pixels: int, max_patches: int, patch_size: int = 14,
-                 temporal_patch_size: int = 2, merge_size: int = 2, image_max_pixels: int = 0,
-                 normalize: bool = False, high_bit_depth: str = "min_max"):
-        check_high_bit_depth(high_bit_depth)
-        self.min_pixels, self.max_pixels, self.max_patches = min_pixels, max_pixels, max_patches
-        self.high_bit_depth = high_bit_depth
-        self.image_max_pixels = image_max_pixels  # > 0: LLaMA-Factory-style area clamp before the processor
-        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
-        self.normalize = normalize
+    def __init__(self, images, max_patches: int):
+        self.images = images
+        self.max_patches = max_patches
 
     def map(self, example):
         if isinstance(example, Dropped):
@@ -285,67 +279,65 @@ class LoadImages(grain.transforms.Map):
             return example
         src = record.source
         try:
-            images = [load_image(path, high_bit_depth=self.high_bit_depth) for path in record.images]
-            if self.image_max_pixels > 0:
-                images = [prescale_image(image, self.image_max_pixels) for image in images]
-            pixels, grid = qwen2_vl_patches(images, self.min_pixels, self.max_pixels, patch_size=self.patch_size,
-                                            merge_size=self.merge_size)  # [p, 588] u8
-            if self.normalize:
-                pixels = normalize_patches(pixels, self.temporal_patch_size)  # [p, 1176] f32
+            pixels, info = self.images.load(record.images)
         except BadRecordError as error:
             return Dropped(error.at(src.file, src.line))
         if pixels.shape[0] > self.max_patches:
+            unit = self.images.unit_name
             return Dropped(BadRecordError(
                 src.file, src.line, TOO_MANY_PATCHES,
-                f"its images have {pixels.shape[0]} patches, more than the largest patch bucket ({self.max_patches}); "
-                "lower max_pixels or raise max_patches / patch_buckets",
+                f"its images have {pixels.shape[0]} {unit}, more than the largest vision bucket ({self.max_patches});"
+                f" make the images smaller (fewer {unit}) or raise max_patches / the bucket sizes",
             ))
-        return {**example, "pixel_values": pixels, "image_grid_thw": grid}
+        return {**example, "pixel_values": pixels, self.images.info_key: info}
 
 
 _TOKENIZERS = threading.local()
 
 
-def _chat_tokenizer(tokenizer_dir: str):
-    """The ChatTokenizer of `tokenizer_dir`, loaded once per thread (fast tokenizers are not shareable across
-    threads)."""
+def _chat_tokenizer(tokenizer_dir: str, images):
+    """The ChatTokenizer of `tokenizer_dir` with the family's image tokens, loaded once per thread (fast
+    tokenizers are not shareable across threads)."""
     from medee_jax.data.tokenize import load_chat_tokenizer
 
     cache = getattr(_TOKENIZERS, "cache", None)
     if cache is None:
         cache = _TOKENIZERS.cache = {}
-    if tokenizer_dir not in cache:
-        cache[tokenizer_dir] = load_chat_tokenizer(tokenizer_dir)
-    return cache[tokenizer_dir]
+    key = (tokenizer_dir, type(images).__name__)
+    if key not in cache:
+        cache[key] = load_chat_tokenizer(tokenizer_dir, **images.chat_tokens)
+    return cache[key]
 
 
 class Tokenize(grain.transforms.Map):
     """Record (+ images) → the example dict `medee_jax.data.batching` packs (input ids, target masks, images)."""
 
-    def __init__(self, tokenizer_dir: str, max_length: int):
+    def __init__(self, tokenizer_dir: str, max_length: int, images):
         self.tokenizer_dir = os.fspath(tokenizer_dir)
         self.max_length = max_length
+        self.images = images
 
     def map(self, example):
         if isinstance(example, Dropped):
             return example
         from medee_jax.data.tokenize import tokenize_record
 
-        tok = _chat_tokenizer(self.tokenizer_dir)
-        grid = example.get("image_grid_thw")
+        tok = _chat_tokenizer(self.tokenizer_dir, self.images)
+        info = example.get(self.images.info_key)
+        counts = None if info is None else self.images.token_counts(info)
         report = {}
         try:
-            out = tokenize_record(example["record"], tok, grid, max_length=self.max_length, on_bad_record="raise",
-                                  report=report)
+            out = tokenize_record(example["record"], tok, num_image_tokens=counts, max_length=self.max_length,
+                                  on_bad_record="raise", report=report)
         except BadRecordError as error:
             return Dropped(error)
         out["source"] = example["source"]
         out["truncated_tokens"] = report.get("truncated_tokens", 0)
         if "ref_logps" in example:
             out["ref_logps"] = example["ref_logps"]
-        if grid is not None:
+        if info is not None:
             out["pixel_values"] = example["pixel_values"]
-            out["image_grid_thw"] = grid
+            out[self.images.info_key] = info
         return out
 
 
@@ -498,22 +490,25 @@ class BatchIterator(grain.DatasetIterator):
 # Building
 
 
-def _vision_and_image_token(model_config, image_token_id: int | None):
-    """(VisionConfig, image token id or None) from a Qwen25VLConfig or a VisionConfig."""
-    if hasattr(model_config, "vision"):
-        model_id = int(model_config.image_token_id)
-        if image_token_id is not None and int(image_token_id) != model_id:
-            raise ValueError(f"image_token_id {image_token_id} != the model config's {model_id}")
-        return model_config.vision, model_id
-    return model_config, image_token_id
+def image_inputs(config: DataConfig, model_config, image_token_id: int | None = None):
+    """The model family's `ImageInputs` for a model config (its vision settings and image token id, checked against
+    `image_token_id` when both are given) or a family's vision config, with the image options of `config`."""
+    from medee_jax.models.families import family_of
+
+    model_id = getattr(model_config, "image_token_id", None)
+    if model_id is not None and image_token_id is not None and int(image_token_id) != int(model_id):
+        raise ValueError(f"image_token_id {image_token_id} != the model config's {model_id}")
+    return family_of(model_config).image_inputs(model_config, config, model_id if model_id is not None
+                                                else image_token_id)
 
 
-def example_dataset(config: DataConfig, vision) -> grain.MapDataset:
-    """The per-example part of the pipeline (shuffled, sharded, repeated, parsed, with images and tokens)."""
-    return _example_dataset(config, vision)[0]
+def example_dataset(config: DataConfig, model_config) -> grain.MapDataset:
+    """The per-example part of the pipeline (shuffled, sharded, repeated, parsed, with images and tokens);
+    model_config: a model config or a family's vision config (see `image_inputs`)."""
+    return _example_dataset(config, model_config)[0]
 
 
-def _example_dataset(config: DataConfig, vision) -> tuple[grain.MapDataset, int]:
+def _example_dataset(config: DataConfig, model_config) -> tuple[grain.MapDataset, int]:
     """(`example_dataset`, this shard's records per epoch)."""
     source, record_format = open_dataset(config.paths, config.format, mode=config.mode,
                                          index_cache=config.index_cache)
@@ -531,39 +526,38 @@ def _example_dataset(config: DataConfig, vision) -> tuple[grain.MapDataset, int]
     records_per_epoch = len(ds)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    for stage in example_stages(config, vision, record_format):
+    for stage in example_stages(config, model_config, record_format):
         ds = ds.map(stage)
     return ds, records_per_epoch
 
 
-def example_stages(config: DataConfig, vision, record_format="auto") -> tuple[ParseRecord, LoadImages, Tokenize]:
+def example_stages(config: DataConfig, model_config, record_format="auto") -> tuple[ParseRecord, LoadImages,
+                                                                                    Tokenize]:
     """The per-record map stages of the pipeline, in order (raw record -> parsed -> with images -> tokens).
 
-    ``record_format``: what `dataset_files.open_dataset` returned for the split's files (a data.format name or a
-    dataset_info.json entry's format)."""
+    model_config: a model config or a family's vision config (see `image_inputs`); ``record_format``: what
+    `dataset_files.open_dataset` returned for the split's files (a data.format name or a dataset_info.json entry's
+    format)."""
+    images = image_inputs(config, model_config)
     max_patches = max(config.patch_buckets) if config.patch_buckets else config.max_patches
     return (
         ParseRecord(config.mode, config.media_root, record_format),
-        LoadImages(
-            min_pixels=config.min_pixels, max_pixels=config.max_pixels, max_patches=max_patches,
-            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-            merge_size=vision.spatial_merge_size, image_max_pixels=config.image_max_pixels,
-            high_bit_depth=config.high_bit_depth,
-        ),
-        Tokenize(config.tokenizer_dir, config.max_length),
+        LoadImages(images, max_patches=max_patches),
+        Tokenize(config.tokenizer_dir, config.max_length, images),
     )
 
 
 def build_dataset(config: DataConfig, model_config, *, image_token_id: int | None = None) -> PackAndBatch:
     """The whole pipeline as a Grain IterDataset of device batches.
 
-    model_config: the model's `Qwen25VLConfig` (its vision settings and image token id, checked against the
-    tokenizer) or a `VisionConfig` (then the image token id comes from the tokenizer unless given).
+    model_config: the model's config (its family, vision settings and image token id, checked against the
+    tokenizer) or a family's vision config (then the image token id comes from the tokenizer unless given).
     """
     from medee_jax.data.tokenize import load_chat_tokenizer
 
-    vision, image_token_id = _vision_and_image_token(model_config, image_token_id)
-    tok = load_chat_tokenizer(config.tokenizer_dir)  # fail early on a bad tokenizer dir or template
+    images = image_inputs(config, model_config, image_token_id)
+    image_token_id = images.image_token_id
+    tok = load_chat_tokenizer(config.tokenizer_dir, **images.chat_tokens)  # fail early on a bad tokenizer dir
     if image_token_id is None:
         image_token_id = tok.image_token_id
     elif image_token_id != tok.image_token_id:
@@ -571,8 +565,8 @@ def build_dataset(config: DataConfig, model_config, *, image_token_id: int | Non
             f"the model's image token id is {image_token_id} but the tokenizer in {config.tokenizer_dir} writes "
             f"{tok.image_token} as id {tok.image_token_id}; use the checkpoint's own tokenizer"
         )
-    spec = batch_spec(config, vision, image_token_id)
-    examples, records_per_epoch = _example_dataset(config, vision)
+    spec = batch_spec(config, images, image_token_id)
+    examples, records_per_epoch = _example_dataset(config, model_config)
     ds = examples.to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size)
     )

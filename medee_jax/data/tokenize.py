@@ -97,12 +97,14 @@ def load_chat_tokenizer(
     image_token: str = QWEN_IMAGE_TOKEN,
     image_prefix: tuple[str, ...] = (),
     image_suffix: tuple[str, ...] = (),
+    boundary_tokens: tuple[str, ...] = QWEN_VISION_BOUNDARY_TOKENS,
     merge_size: int | None = None,
 ) -> ChatTokenizer:
     """Loads the tokenizer and chat template of a local checkpoint directory (no network).
 
     The chat template comes from the tokenizer (tokenizer_config.json or chat_template.jinja), else from the
-    processor's chat_template.json. merge_size defaults to preprocessor_config.json's `merge_size`, else 2.
+    processor's chat_template.json. merge_size defaults to preprocessor_config.json's `merge_size`, else 2. The
+    image keywords are the model family's (its `ImageInputs.chat_tokens`); the defaults are Qwen2.5-VL's.
     Code shipped in the folder is never run (`load_hf_tokenizer`).
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
@@ -126,6 +128,7 @@ def load_chat_tokenizer(
         image_token=image_token,
         image_prefix=tuple(image_prefix),
         image_suffix=tuple(image_suffix),
+        boundary_tokens=tuple(boundary_tokens),
         merge_size=merge_size,
     )
 

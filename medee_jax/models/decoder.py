@@ -1,8 +1,10 @@
 """The Qwen2 text decoder (shared by Qwen2.5-VL and InternVL3): stacked layers scanned with ``jax.lax.scan``.
 
 Layer parameters are stored stacked along a leading ``layers`` axis so one compiled layer body serves every depth
-and the stack can be rematerialised by a configurable policy. Attention takes keys/values as separate arguments
-from queries so a KV cache can be threaded through for generation.
+and the stack can be rematerialised by a configurable policy. Rotary positions come from the family, computed on
+the host: M-RoPE positions [3, B, L] (Qwen2.5-VL, ``TextConfig.mrope_section`` set) or 1-D positions [B, L]
+(InternVL3, with optional dynamic NTK scaling); see ``rope.text_cos_sin``. Attention takes keys/values as separate
+arguments from queries so a KV cache can be threaded through for generation (``cache``, not implemented yet).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import TextConfig
 from .layers import apply_rotary, dot_product_attention, linear, maybe_remat, param, rms_norm, swiglu
-from .rope import mrope_cos_sin
+from .rope import text_cos_sin
+from .text_config import TextConfig
 
 # Per-layer tensor families of the decoder: name -> (shape builder, logical axes without 'layers', init).
-# Names mirror transformers' module paths so the checkpoint key table in hf.py reads one-to-one.
+# Names mirror transformers' module paths so the families' key tables (keys.py) read one-to-one.
 def decoder_layer_table(cfg: TextConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
     """Returns {param name: (shape, logical axes, init)} of one decoder layer."""
     d, i = cfg.hidden_size, cfg.intermediate_size
@@ -35,6 +37,30 @@ def decoder_layer_table(cfg: TextConfig) -> dict[str, tuple[tuple[int, ...], tup
         "up_proj_kernel": ((d, i), ("embed", "mlp"), "normal"),
         "down_proj_kernel": ((i, d), ("mlp", "embed"), "normal"),
     }
+
+
+def decoder_key_rows(prefix: str) -> tuple[tuple[str, str, str], ...]:
+    """Returns the checkpoint key-table rows (hf key pattern, our path, transform) of the decoder whose transformers
+    tensor names start with ``prefix`` (Qwen2.5-VL's hub layout: "model."; InternVL's: "language_model.model.");
+    our parameters live under ``language_model``. The LM head's row is the family's."""
+    layer = f"{prefix}layers.{{i}}."
+    ours = "language_model.layers."
+    return (
+        (f"{prefix}embed_tokens.weight", "language_model.embed_tokens", "copy"),
+        (layer + "input_layernorm.weight", ours + "input_layernorm", "copy"),
+        (layer + "self_attn.q_proj.weight", ours + "q_proj_kernel", "linear"),
+        (layer + "self_attn.q_proj.bias", ours + "q_proj_bias", "copy"),
+        (layer + "self_attn.k_proj.weight", ours + "k_proj_kernel", "linear"),
+        (layer + "self_attn.k_proj.bias", ours + "k_proj_bias", "copy"),
+        (layer + "self_attn.v_proj.weight", ours + "v_proj_kernel", "linear"),
+        (layer + "self_attn.v_proj.bias", ours + "v_proj_bias", "copy"),
+        (layer + "self_attn.o_proj.weight", ours + "o_proj_kernel", "linear"),
+        (layer + "post_attention_layernorm.weight", ours + "post_attention_layernorm", "copy"),
+        (layer + "mlp.gate_proj.weight", ours + "gate_proj_kernel", "linear"),
+        (layer + "mlp.up_proj.weight", ours + "up_proj_kernel", "linear"),
+        (layer + "mlp.down_proj.weight", ours + "down_proj_kernel", "linear"),
+        (f"{prefix}norm.weight", "language_model.norm", "copy"),
+    )
 
 
 class DecoderLayers(nnx.Module):
@@ -99,15 +125,18 @@ class Qwen2Decoder(nnx.Module):
         """Returns token embeddings [B, L, D] in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None):
+    def __call__(self, embeds, positions, attention_mask, segment_ids=None, branch_ids=None, *, cache=None):
         """Returns final (normed) hidden states [B, L, D].
 
-        embeds [B, L, D]; position_ids [3, B, L] (M-RoPE) ; attention_mask [B, L] (1 = token, 0 = padding);
-        segment_ids [B, L] optional, for packed rows (no attention across examples); branch_ids [B, L] optional,
-        for a prompt shared by several completions (see text_attention_mask).
+        embeds [B, L, D]; positions: the family's rotary positions, [3, B, L] (M-RoPE) or [B, L] (1-D);
+        attention_mask [B, L] (1 = token, 0 = padding); segment_ids [B, L] optional, for packed rows (no attention
+        across examples); branch_ids [B, L] optional, for a prompt shared by several completions (see
+        text_attention_mask). ``cache``: reserved for a KV cache (generation); must be None for now.
         """
+        if cache is not None:
+            raise NotImplementedError("the decoder has no KV cache yet")
         cfg = self.cfg
-        cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)  # [B, L, Dh]
+        cos, sin = text_cos_sin(positions, cfg)  # [B, L, Dh]
         allowed = text_attention_mask(attention_mask, segment_ids, branch_ids)  # [B, L, L]
         layer_params = jax.tree.map(lambda a: a.astype(self.dtype), self.layers.stacked())
 

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint <-> Flax NNX model: per-family key tables and safetensors streaming read/write.
+"""Hugging Face checkpoint <-> Flax NNX model: key tables and safetensors streaming read/write, for every family.
 
 Import (``load_weights``) reads only the safetensors headers first, checks every tensor name and shape against the
 model (missing, unexpected, mis-shaped and unreadable tensors are reported together in one ``CheckpointError``),
@@ -6,20 +6,25 @@ then streams tensor by tensor into parameters allocated once on their sharding. 
 computes every header up front and streams tensor by tensor into (optionally sharded) safetensors files, inside a
 temporary directory that is renamed into place only when complete (``atomic_directory``).
 
-A key table row maps one transformers tensor family to one of our parameters:
+Each family's ``keys.py`` declares a ``KeyTable``: the layout it exports and every layout it imports. A layout is
+rows mapping one transformers tensor family to one of our parameters:
     (hf key pattern, our parameter path, transform)
-``{i}`` in a pattern is a layer index; the matching parameter is stacked along its first axis.
-Transforms (torch layout -> ours): ``linear`` transposes [out, in] -> [in, out]; ``copy`` keeps the array;
-``patch`` maps the Conv3d weight [Dv, C, T, P, P] to a [C*T*P*P, Dv] kernel.
+``{i}`` in a pattern is a layer index; the matching parameter is stacked along its first axis. Transforms (torch
+layout -> ours): ``linear`` transposes [out, in] -> [in, out]; ``copy`` keeps the array; ``patch`` maps a conv
+weight [D, C, (T,) P, P] to a [C*(T*)P*P, D] kernel; ``unbatch`` drops a leading axis of 1 ([1, N, D] -> [N, D]);
+``linear_part:k/n`` / ``copy_part:k/n`` take row block k of n of a fused tensor (e.g. q, k, v of a fused qkv;
+import only: several rows then share one hf key).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,87 +33,84 @@ import numpy as np
 from flax import nnx
 
 from . import safetensors_io
-from .config import Qwen25VLConfig
 from .export_dir import DestinationError, atomic_directory  # noqa: F401  (re-exported: the destination rule)
 from .sharding import sharding_for
 
-# (hf key, our path, transform). Text keys use the hub layout; the in-memory layout is normalised to it on read.
-QWEN2_5_VL_KEYS: tuple[tuple[str, str, str], ...] = (
-    ("visual.patch_embed.proj.weight", "visual.patch_embed", "patch"),
-    ("visual.blocks.{i}.norm1.weight", "visual.blocks.norm1", "copy"),
-    ("visual.blocks.{i}.norm2.weight", "visual.blocks.norm2", "copy"),
-    ("visual.blocks.{i}.attn.qkv.weight", "visual.blocks.qkv_kernel", "linear"),
-    ("visual.blocks.{i}.attn.qkv.bias", "visual.blocks.qkv_bias", "copy"),
-    ("visual.blocks.{i}.attn.proj.weight", "visual.blocks.proj_kernel", "linear"),
-    ("visual.blocks.{i}.attn.proj.bias", "visual.blocks.proj_bias", "copy"),
-    ("visual.blocks.{i}.mlp.gate_proj.weight", "visual.blocks.gate_proj_kernel", "linear"),
-    ("visual.blocks.{i}.mlp.gate_proj.bias", "visual.blocks.gate_proj_bias", "copy"),
-    ("visual.blocks.{i}.mlp.up_proj.weight", "visual.blocks.up_proj_kernel", "linear"),
-    ("visual.blocks.{i}.mlp.up_proj.bias", "visual.blocks.up_proj_bias", "copy"),
-    ("visual.blocks.{i}.mlp.down_proj.weight", "visual.blocks.down_proj_kernel", "linear"),
-    ("visual.blocks.{i}.mlp.down_proj.bias", "visual.blocks.down_proj_bias", "copy"),
-    ("visual.merger.ln_q.weight", "visual.merger.ln_q", "copy"),
-    ("visual.merger.mlp.0.weight", "visual.merger.mlp0_kernel", "linear"),
-    ("visual.merger.mlp.0.bias", "visual.merger.mlp0_bias", "copy"),
-    ("visual.merger.mlp.2.weight", "visual.merger.mlp2_kernel", "linear"),
-    ("visual.merger.mlp.2.bias", "visual.merger.mlp2_bias", "copy"),
-    ("model.embed_tokens.weight", "language_model.embed_tokens", "copy"),
-    ("model.layers.{i}.input_layernorm.weight", "language_model.layers.input_layernorm", "copy"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "language_model.layers.q_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "language_model.layers.q_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "language_model.layers.k_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "language_model.layers.k_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "language_model.layers.v_proj_kernel", "linear"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "language_model.layers.v_proj_bias", "copy"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "language_model.layers.o_proj_kernel", "linear"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "language_model.layers.post_attention_layernorm", "copy"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "language_model.layers.gate_proj_kernel", "linear"),
-    ("model.layers.{i}.mlp.up_proj.weight", "language_model.layers.up_proj_kernel", "linear"),
-    ("model.layers.{i}.mlp.down_proj.weight", "language_model.layers.down_proj_kernel", "linear"),
-    ("model.norm.weight", "language_model.norm", "copy"),
-    ("lm_head.weight", "lm_head", "linear"),
-)
 
-# transformers' in-memory layout (what save_pretrained of a transformers-5 model may write) -> hub layout.
-_IN_MEMORY_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """One on-disk naming of a family's tensors.
+
+    name: how messages name it (with its key prefixes); rows: (hf key pattern, our path, transform); aliases:
+    (prefix, replacement) rewrites applied to a stored key before matching (another spelling of the same layout,
+    e.g. transformers' in-memory names); optional: our paths whose tensor a checkpoint may hold although the model
+    has no such parameter (a tied lm_head): ignored on import.
+    """
+
+    name: str
+    rows: tuple[tuple[str, str, str], ...]
+    aliases: tuple[tuple[str, str], ...] = ()
+    optional: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        compiled = tuple((re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), path, tf)
+                         for k, path, tf in self.rows)
+        object.__setattr__(self, "_compiled", compiled)
+
+    def normalise(self, key: str) -> str:
+        """Returns ``key`` in this layout's canonical spelling (the first alias whose prefix matches rewrites it)."""
+        for old, new in self.aliases:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    def match(self, hf_key: str) -> list[tuple[str, int | None, str]]:
+        """Returns (our path, layer index or None, transform) of every row matching a canonical key: one for most
+        keys, several for a fused tensor, none for an unknown key."""
+        out = []
+        for pattern, path, tf in self._compiled:
+            m = pattern.match(hf_key)
+            if m:
+                out.append((path, int(m.group(1)) if m.groups() else None, tf))
+        return out
 
 
-def normalise_key(key: str) -> str:
-    """Returns ``key`` in the hub layout (``visual.*``, ``model.layers.*``, ``lm_head.*``)."""
-    for old, new in _IN_MEMORY_PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
+@dataclasses.dataclass(frozen=True)
+class KeyTable:
+    """A family's checkpoint keys: ``export`` (the layout save_pretrained writes), ``imports`` (every layout
+    from_pretrained reads, chosen per checkpoint by its tensor names), ``patch_shape(cfg)`` (the transformers shape
+    of a ``patch`` weight) and ``ignored`` (names of non-persistent buffers some exports carry; skipped)."""
+
+    export: KeyLayout
+    imports: tuple[KeyLayout, ...]
+    patch_shape: Callable
+    ignored: re.Pattern = re.compile(r"^$")
+
+    def choose_layout(self, names, where: str = "checkpoint") -> KeyLayout:
+        """Returns the import layout matching most of ``names`` (stored tensor names; the first on a tie); raises
+        CheckpointError naming the supported layouts when none matches any name."""
+        names = list(names)
+        scores = [sum(bool(layout.match(layout.normalise(n))) for n in names) for layout in self.imports]
+        best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+        if names and scores[best] == 0:
+            sample = ", ".join(sorted(names)[:4])
+            raise CheckpointError(f"{where}: no tensor name matches a key layout of this model family (e.g. {sample});"
+                                  " supported layouts: " + "; ".join(layout.name for layout in self.imports))
+        return self.imports[best]
 
 
-def _compile(pattern: str) -> re.Pattern:
-    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(\d+)") + "$")
+def family_keys(cfg) -> KeyTable:
+    """Returns the KeyTable of the family of model config ``cfg`` (see ``families.py``)."""
+    from .families import family_of
+
+    return family_of(cfg).keys()
 
 
-_COMPILED = tuple((_compile(k), path, tf) for k, path, tf in QWEN2_5_VL_KEYS)
-
-
-def match_key(hf_key: str) -> tuple[str, int | None, str] | None:
-    """Returns (our path, layer index or None, transform) for a hub-layout key, or None if no row matches."""
-    for pattern, path, tf in _COMPILED:
-        m = pattern.match(hf_key)
-        if m:
-            return path, (int(m.group(1)) if m.groups() else None), tf
-    return None
-
-
-def expected_keys(cfg: Qwen25VLConfig) -> list[str]:
-    """Returns every hub-layout tensor name a checkpoint of ``cfg`` holds (lm_head omitted when tied)."""
-    out = []
-    for pattern, path, _ in QWEN2_5_VL_KEYS:
-        if path == "lm_head" and cfg.tie_word_embeddings:
-            continue
-        if "{i}" in pattern:
-            n = cfg.vision.depth if pattern.startswith("visual.") else cfg.text.num_hidden_layers
-            out.extend(pattern.format(i=i) for i in range(n))
-        else:
-            out.append(pattern)
-    return out
+def _part(transform: str) -> tuple[str, int, int]:
+    """Returns (kind, k, n) of a ``linear_part:k/n`` / ``copy_part:k/n`` transform."""
+    kind, frac = transform.split(":")
+    k, n = frac.split("/")
+    return kind, int(k), int(n)
 
 
 def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
@@ -119,32 +121,47 @@ def to_ours(array: np.ndarray, transform: str) -> np.ndarray:
         return array.T
     if transform == "patch":
         return array.reshape(array.shape[0], -1).T
+    if transform == "unbatch":
+        return array.reshape(array.shape[1:])
+    if transform.startswith(("linear_part:", "copy_part:")):
+        kind, k, n = _part(transform)
+        rows = array.shape[0] // n
+        block = array[k * rows:(k + 1) * rows]
+        return block.T if kind == "linear_part" else block
     raise ValueError(f"unknown transform {transform!r}")
 
 
 def to_hf(array: np.ndarray, transform: str, hf_shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Returns one of our tensors in transformers' layout (``patch`` needs the Conv3d shape)."""
+    """Returns one of our tensors in transformers' layout (``patch`` needs the conv weight's shape)."""
     if transform == "copy":
         return array
     if transform == "linear":
         return array.T
     if transform == "patch":
         return array.T.reshape(hf_shape)
-    raise ValueError(f"unknown transform {transform!r}")
+    if transform == "unbatch":
+        return array.reshape((1, *array.shape))
+    raise ValueError(f"transform {transform!r} cannot be exported (import only)")
 
 
-def hf_shape(cfg: Qwen25VLConfig, hf_key: str, our_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
-    """Returns the transformers shape of one tensor given our (unstacked) shape."""
+def hf_shape(patch_shape: tuple[int, ...] | None, our_shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """Returns the transformers shape of one tensor given our (unstacked) shape (``patch_shape``: the conv weight's
+    shape, for the ``patch`` transform)."""
     if transform == "copy":
         return tuple(our_shape)
     if transform == "linear":
         return tuple(reversed(our_shape))
-    v = cfg.vision
-    return (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    if transform == "unbatch":
+        return (1, *our_shape)
+    if transform == "patch":
+        return tuple(patch_shape)
+    if transform.startswith(("linear_part:", "copy_part:")):
+        kind, _, n = _part(transform)
+        if kind == "linear_part":  # our [in, out] block of a fused torch [n * out, in]
+            return (n * our_shape[1], our_shape[0])
+        return (n * our_shape[0], *our_shape[1:])
+    raise ValueError(f"unknown transform {transform!r}")
 
-
-# Non-persistent buffers some older exports carry; they are recomputed, never loaded.
-IGNORED_KEYS = re.compile(r"^(.*\.)?(rotary_emb|rotary_pos_emb)\.inv_freq$")
 
 # Tokenizer / processor / generation files copied from the source checkpoint on export.
 SIDECAR_FILES = (
@@ -172,13 +189,19 @@ def get_param(model: nnx.Module, path: str) -> nnx.Param:
 
 
 def model_params(model: nnx.Module) -> list[tuple[str, str, str]]:
-    """Returns (hf key pattern, our path, transform) for every parameter ``model`` has, in key-table order."""
-    return [(k, path, tf) for k, path, tf in QWEN2_5_VL_KEYS
-            if not (path == "lm_head" and model.config.tie_word_embeddings)]
+    """Returns (hf key pattern, our path, transform) of the export layout for every parameter ``model`` has, in
+    key-table order (a family leaves out a parameter by setting it to None, e.g. a tied lm_head)."""
+    return [(k, path, tf) for k, path, tf in family_keys(model.config).export.rows
+            if _has_param(model, path)]
 
 
-def num_layers(cfg: Qwen25VLConfig, pattern: str) -> int:
-    return cfg.vision.depth if pattern.startswith("visual.") else cfg.text.num_hidden_layers
+def _has_param(model: nnx.Module, path: str) -> bool:
+    obj = model
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return False
+    return True
 
 
 def local_checkpoint_dir(hf_dir) -> str:
@@ -220,8 +243,9 @@ def checkpoint_files(hf_dir: str) -> list[str]:
     raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_headers(hf_dir: str) -> dict[str, safetensors_io.TensorInfo]:
-    """Returns {hub-layout key: TensorInfo} over all safetensors files of ``hf_dir`` (headers only)."""
+def read_headers(hf_dir: str, layout: KeyLayout | None = None) -> dict[str, safetensors_io.TensorInfo]:
+    """Returns {key: TensorInfo} over all safetensors files of ``hf_dir`` (headers only), keys in ``layout``'s
+    canonical spelling (as stored without a layout); a tensor stored under two spellings is an error."""
     infos: dict[str, safetensors_io.TensorInfo] = {}
     duplicates = []
     for path in checkpoint_files(hf_dir):
@@ -230,41 +254,47 @@ def read_headers(hf_dir: str) -> dict[str, safetensors_io.TensorInfo]:
         except ValueError as e:
             raise CheckpointError(str(e)) from e
         for key, info in file_infos.items():
-            hub = normalise_key(key)
-            if hub in infos:
-                duplicates.append(f"{key} ({os.path.basename(path)}; also {infos[hub].name} in "
-                                  f"{os.path.basename(infos[hub].path)})")
+            canonical = key if layout is None else layout.normalise(key)
+            if canonical in infos:
+                duplicates.append(f"{key} ({os.path.basename(path)}; also {infos[canonical].name} in "
+                                  f"{os.path.basename(infos[canonical].path)})")
                 continue
-            infos[hub] = info
+            infos[canonical] = info
     if duplicates:
         raise CheckpointError(f"{hf_dir}: tensors stored twice: {'; '.join(duplicates)}")
     return infos
 
 
 def plan_import(model: nnx.Module, hf_dir: str):
-    """Checks every tensor of ``hf_dir`` against ``model`` (abstract is fine) from the headers alone.
+    """Checks every tensor of ``hf_dir`` against ``model`` (abstract is fine) from the headers alone, in the import
+    layout its tensor names match (``KeyTable.choose_layout``).
 
-    Returns ({hub-layout key: (our path, layer or None, transform)} of the tensors to load, {key: TensorInfo});
-    raises one CheckpointError listing every missing, unexpected, mis-shaped or unreadable tensor.
+    Returns ({canonical key: [(our path, layer or None, transform), ...]} of the tensors to load (a fused tensor
+    feeds several parameters), {key: TensorInfo}); raises one CheckpointError listing every missing, unexpected,
+    mis-shaped or unreadable tensor.
     """
     cfg = model.config
-    infos = read_headers(hf_dir)
-    wanted = {key: (path, layer, tf, shape) for key, path, layer, tf, shape, _ in expected_tensors(model)}
+    table = family_keys(cfg)
+    layout = table.choose_layout(read_headers(hf_dir), where=hf_dir)
+    infos = read_headers(hf_dir, layout)
+    wanted: dict[str, list] = {}
+    for key, path, layer, tf, shape, _ in layout_entries(layout, table, cfg, *_shapes_and_dtypes(model)):
+        wanted.setdefault(key, []).append((path, layer, tf, shape))
     missing = [k for k in wanted if k not in infos]
     unexpected, misshaped, bad_dtype, plan = [], [], [], {}
     for key, info in infos.items():
         if key not in wanted:
-            tied_head = key == "lm_head.weight" and cfg.tie_word_embeddings
-            if not tied_head and not IGNORED_KEYS.match(key):
+            optional = any(path in layout.optional for path, _, _ in layout.match(key))
+            if not optional and not table.ignored.match(key):
                 unexpected.append(info.name)
             continue
-        path, layer, tf, shape = wanted[key]
+        shape = wanted[key][0][3]
         if info.shape != shape:
             misshaped.append(f"{info.name} {list(info.shape)} (expected {list(shape)})")
         elif info.dtype not in safetensors_io.DTYPES or not _is_float(info.dtype):
             bad_dtype.append(f"{info.name} ({info.dtype})")
         else:
-            plan[key] = (path, layer, tf)
+            plan[key] = [(path, layer, tf) for path, layer, tf, _ in wanted[key]]
     problems = []
     if missing:
         problems.append(f"missing ({len(missing)}): {_first_few(missing)}")
@@ -276,7 +306,7 @@ def plan_import(model: nnx.Module, hf_dir: str):
         problems.append(f"unsupported dtype ({len(bad_dtype)}): {_first_few(bad_dtype)}")
     if problems:
         raise CheckpointError(f"{hf_dir}: checkpoint does not match the {cfg.model_type} config "
-                              f"(config.json) —\n  " + "\n  ".join(problems))
+                              f"(config.json; key layout {layout.name}) —\n  " + "\n  ".join(problems))
     return plan, infos
 
 
@@ -327,8 +357,7 @@ def load_weights(model: nnx.Module, hf_dir: str, mesh=None, rules=None) -> None:
     order = sorted(plan, key=lambda k: (infos[k].path, infos[k].start))
     shardings = {}
     with safetensors_io.Reader(infos) as reader:
-        for key in order:
-            path, layer, tf = plan[key]
+        for key, (path, layer, tf) in ((k, target) for k in order for target in plan[k]):
             p = get_param(model, path)
             if path not in shardings:
                 shardings[path] = sharding_for(p, mesh, rules)
@@ -352,18 +381,24 @@ def read_into(out: np.ndarray, reader: safetensors_io.Reader, key: str, transfor
     """Reads transformers tensor ``key`` into ``out`` (our layout and dtype) a block of rows at a time, so only
     ``block_bytes`` of extra host memory is used whatever the tensor's size (also for transposed kernels)."""
     info = reader.infos[key]
-    if transform == "patch" or not info.shape:
+    if transform in ("patch", "unbatch") or not info.shape:
         out[...] = to_ours(reader.read(key), transform)
         return
     rows = info.shape[0]
-    row_bytes = max(1, info.nbytes // max(rows, 1))
+    first, kind = 0, transform
+    if transform.startswith(("linear_part:", "copy_part:")):  # row block k of n of a fused tensor
+        kind, k, n = _part(transform)
+        kind = kind[: -len("_part")]
+        rows //= n
+        first = k * rows
+    row_bytes = max(1, info.nbytes // max(info.shape[0], 1))
     step = max(1, block_bytes // row_bytes)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        block = reader.read(key, (start, stop))
-        if transform == "copy":
+        block = reader.read(key, (first + start, first + stop))
+        if kind == "copy":
             out[start:stop] = block
-        elif transform == "linear":  # torch [out, in] rows -> our [in, out] columns
+        elif kind == "linear":  # torch [out, in] rows -> our [in, out] columns
             out[:, start:stop] = block.T
         else:
             raise ValueError(f"unknown transform {transform!r}")
@@ -387,34 +422,46 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
 
 
-def export_entries(cfg: Qwen25VLConfig, our_shapes: dict[str, tuple[int, ...]],
+def layout_entries(layout: KeyLayout, table: KeyTable, cfg, our_shapes: dict[str, tuple[int, ...]],
                    dtypes: dict[str, np.dtype] | None = None
                    ) -> list[tuple[str, str, int | None, str, tuple[int, ...], np.dtype]]:
-    """Returns (hub key, our path, layer or None, transform, hf shape, dtype) for every tensor of a checkpoint.
-
-    ``our_shapes``/``dtypes``: {our path: shape/dtype} (stacked shapes for per-layer families; dtype default fp32).
-    lm_head is left out when the config ties it to the embedding. Entries are ordered parameter by parameter (all
-    layers of one stacked family together), so a writer fetching one stacked parameter at a time holds one at a time.
-    """
+    """Returns (hf key, our path, layer or None, transform, hf shape, dtype) for every tensor a checkpoint of
+    ``layout`` holds for parameters of ``our_shapes`` ({our path: stacked shape}; rows of absent parameters, such as
+    a tied lm_head, are left out; a stacked parameter's first axis is its layer count). Entries are ordered
+    parameter by parameter (all layers of one stacked family together)."""
     out = []
-    for pattern, path, tf in QWEN2_5_VL_KEYS:
-        if path == "lm_head" and cfg.tie_word_embeddings:
+    patch = table.patch_shape(cfg)
+    for pattern, path, tf in layout.rows:
+        if path not in our_shapes:
             continue
         shape = tuple(our_shapes[path])
         dtype = np.dtype(np.float32) if dtypes is None else np.dtype(dtypes[path])
         if "{i}" in pattern:
-            for i in range(num_layers(cfg, pattern)):
-                out.append((pattern.format(i=i), path, i, tf, hf_shape(cfg, pattern, shape[1:], tf), dtype))
+            for i in range(shape[0]):
+                out.append((pattern.format(i=i), path, i, tf, hf_shape(patch, shape[1:], tf), dtype))
         else:
-            out.append((pattern, path, None, tf, hf_shape(cfg, pattern, shape, tf), dtype))
+            out.append((pattern, path, None, tf, hf_shape(patch, shape, tf), dtype))
     return out
 
 
+def export_entries(cfg, our_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype] | None = None
+                   ) -> list[tuple[str, str, int | None, str, tuple[int, ...], np.dtype]]:
+    """Returns (hf key, our path, layer or None, transform, hf shape, dtype) for every tensor of an exported
+    checkpoint (the family's export layout; see ``layout_entries``). ``our_shapes``/``dtypes``: {our path:
+    shape/dtype} (stacked shapes for per-layer families; dtype default fp32); a writer fetching one stacked
+    parameter at a time holds one at a time."""
+    table = family_keys(cfg)
+    return layout_entries(table.export, table, cfg, our_shapes, dtypes)
+
+
+def _shapes_and_dtypes(model: nnx.Module) -> tuple[dict, dict]:
+    params = {path: get_param(model, path).get_value() for _, path, _ in model_params(model)}
+    return ({path: tuple(v.shape) for path, v in params.items()}, {path: v.dtype for path, v in params.items()})
+
+
 def expected_tensors(model: nnx.Module):
-    """Returns ``export_entries`` for ``model`` (abstract is fine): every hub tensor its checkpoint must hold."""
-    shapes = {path: tuple(get_param(model, path).get_value().shape) for _, path, _ in model_params(model)}
-    dtypes = {path: get_param(model, path).get_value().dtype for _, path, _ in model_params(model)}
-    return export_entries(model.config, shapes, dtypes)
+    """Returns ``export_entries`` for ``model`` (abstract is fine): every tensor its exported checkpoint holds."""
+    return export_entries(model.config, *_shapes_and_dtypes(model))
 
 
 def _dtype_label(dtype) -> str:
@@ -422,7 +469,7 @@ def _dtype_label(dtype) -> str:
             np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}.get(np.dtype(dtype), str(np.dtype(dtype)))
 
 
-def hf_config_dict(cfg: Qwen25VLConfig, dtype) -> dict:
+def hf_config_dict(cfg, dtype) -> dict:
     """Returns the config.json written beside exported weights (nested transformers-5 layout + dtype)."""
     d = cfg.to_hf_dict()
     label = _dtype_label(dtype)
@@ -444,7 +491,7 @@ def copy_sidecar_files(source_dir: str | None, out_dir: str) -> list[str]:
     return copied
 
 
-def write_checkpoint(out_dir: str, cfg: Qwen25VLConfig, entries, fetch, *, max_shard_size="5GB",
+def write_checkpoint(out_dir: str, cfg, entries, fetch, *, max_shard_size="5GB",
                      source_dir: str | None = None, overwrite: bool = False, sources=()) -> dict:
     """Writes a transformers checkpoint atomically: safetensors (sharded with an index above ``max_shard_size``),
     config.json and the source's tokenizer/processor files. ``entries`` come from ``export_entries``;

@@ -1,6 +1,6 @@
 """Pure building blocks shared by the text decoder and the vision tower.
 
-Parameters live in NNX modules (see decoder.py / qwen2_5_vl.py); the math here is plain functions of arrays so the
+Parameters live in NNX modules (decoder.py, the families' model.py); the math here is plain functions of arrays so the
 layer stacks can be scanned with ``jax.lax.scan`` and rematerialised with ``jax.checkpoint``.
 Kernels are stored ``[in, out]`` (the transpose of torch's ``Linear.weight``).
 """
@@ -41,6 +41,17 @@ def rms_norm(x, weight, eps: float):
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(var + eps)).astype(x.dtype)
     return weight.astype(x.dtype) * normed
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """Returns LayerNorm(x) * weight + bias (biased variance over the last axis), computed in fp32 and cast back to
+    x's dtype, as torch's layer_norm computes it."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+    out = centred * jax.lax.rsqrt(var + eps) * weight.astype(jnp.float32) + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
 
 
 def linear(x, kernel, bias=None, dtype=None):

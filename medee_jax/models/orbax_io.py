@@ -37,8 +37,7 @@ import os
 import jax
 import numpy as np
 
-from . import hf
-from .config import Qwen25VLConfig, load_config
+from . import hf, load_config
 from .export_dir import atomic_directory, check_destination
 
 ITEM = "params"
@@ -55,7 +54,7 @@ def _ocp():
     return ocp
 
 
-def _abstract(cfg: Qwen25VLConfig):
+def _abstract(cfg):
     from . import abstract_model
 
     return abstract_model(cfg)
@@ -92,7 +91,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_config_and_sidecars(cfg: Qwen25VLConfig, stage: str, source_dir: str | None) -> None:
+def _write_config_and_sidecars(cfg, stage: str, source_dir: str | None) -> None:
     with open(os.path.join(stage, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_hf_dict(), f, indent=2)
     hf.copy_sidecar_files(source_dir, stage)
@@ -127,8 +126,9 @@ def hf_to_orbax(src: str, dst: str, *, dtype=None, batch_bytes: int = 64 * 2**20
     model = _abstract(cfg)
     plan, infos = hf.plan_import(model, src)
     by_param: dict[str, list[tuple[str, int | None, str]]] = {}
-    for key, (path, layer, tf) in plan.items():
-        by_param.setdefault(path, []).append((key, layer, tf))
+    for key, targets in plan.items():
+        for path, layer, tf in targets:
+            by_param.setdefault(path, []).append((key, layer, tf))
     shapes = param_paths(model)
     try:
         from orbax.checkpoint.experimental import v1 as ocp_v1
@@ -215,7 +215,7 @@ def save_model(model, dst: str, *, source_dir: str | None = None, overwrite: boo
         _write_config_and_sidecars(model.config, stage, source_dir)
 
 
-def check_orbax_dir(src: str) -> tuple[Qwen25VLConfig, dict]:
+def check_orbax_dir(src: str) -> tuple[object, dict]:
     """Returns (config, {dotted path: ArrayMetadata}) of an Orbax model directory, checked against the config.
 
     Raises OrbaxCheckpointError naming the directory and, at once, every missing, unexpected or mis-shaped array.

@@ -1,9 +1,10 @@
 """From the input pipeline's per-shard host batches to global device arrays.
 
 Each data shard (data x fsdp device group) gets its own complete batch from this process's Grain iterator. The
-shards of one step are padded to a common bucket (sequence length L and patch count P), stacked along a leading
-axis S and assembled into global arrays sharded over data x fsdp. A text-only shard in a step whose other shards
-have images gets an empty vision input (zero patches, every feature row dropped), so all shards share one program.
+shards of one step are padded to a common bucket (sequence length L and vision-unit count P: patches or tiles),
+stacked along a leading axis S and assembled into global arrays sharded over data x fsdp. A text-only shard in a
+step whose other shards have images gets an empty vision input (zero units, every feature row dropped), so all
+shards share one program.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..data import pipeline
 from ..data.dataset_files import data_files
-from ..models.vision_layout import vision_layout
+from ..models.families import family_of
 from . import identity
 from .mesh import local_data_shards, stack_shards, to_global
 from .setup import image_bounds, pipeline_config, target_buckets
@@ -33,26 +34,9 @@ def _pad_last(x: np.ndarray, length: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def _extend_layout(vision: dict, patches: int, unit: int) -> dict:
-    """Returns vision layout arrays padded from P0 to ``patches`` patches with isolated padding cells."""
-    p0 = vision["window_segments"].shape[0]
-    if p0 == patches:
-        return vision
-    cells0, cells = p0 // unit, patches // unit
-    extra = np.arange(cells0, cells, dtype=np.int32)
-    return {
-        "rot_pos": np.concatenate([vision["rot_pos"], np.zeros((patches - p0, 2), np.int32)]),
-        "window_index": np.concatenate([vision["window_index"], extra]),
-        "reverse_index": np.concatenate([vision["reverse_index"], extra]),
-        "window_segments": np.concatenate([vision["window_segments"],
-                                           np.full(patches - p0, vision["window_segments"].max() + 1, np.int32)]),
-        "image_segments": np.concatenate([vision["image_segments"],
-                                          np.full(patches - p0, vision["image_segments"].max() + 1, np.int32)]),
-    }
-
-
-def pad_shard_batch(batch: dict, length: int, patches: int | None, vision_cfg) -> dict:
-    """Returns ``batch`` padded to sequence length ``length`` and (if not None) ``patches`` vision patches."""
+def pad_shard_batch(batch: dict, length: int, patches: int | None, images) -> dict:
+    """Returns ``batch`` padded to sequence length ``length`` and (if not None) ``patches`` vision units (patches
+    or tiles; ``images``: the family's ``ImageInputs``)."""
     rows, l0 = batch["input_ids"].shape
     out = dict(batch)
     for key in ROW_KEYS + tuple(k for k in OPTIONAL_ROW_KEYS if k in batch):
@@ -60,20 +44,21 @@ def pad_shard_batch(batch: dict, length: int, patches: int | None, vision_cfg) -
     out["position_ids"] = _pad_last(batch["position_ids"], length)
     if patches is None:
         return out
-    unit = vision_cfg.spatial_merge_size ** 2
+    features = images.num_features(patches)
     copies = 2 if "pair_mask" in batch and "branch_ids" not in batch else 1  # unshared DPO: [2, F] index
     if "pixel_values" in batch:
         p0 = batch["pixel_values"].shape[0]
-        out["pixel_values"] = np.pad(batch["pixel_values"], ((0, patches - p0), (0, 0)))
-        out["vision"] = _extend_layout(batch["vision"], patches, unit)
+        pad = [(0, patches - p0)] + [(0, 0)] * (batch["pixel_values"].ndim - 1)
+        out["pixel_values"] = np.pad(batch["pixel_values"], pad)
+        out["vision"] = images.extend_layout(batch["vision"], patches)
         index = np.asarray(batch["image_token_index"]).reshape(copies, -1)
         valid = index < rows * l0
         rebased = np.where(valid, (index // l0) * length + index % l0, rows * length)
-        index = np.pad(rebased, ((0, 0), (0, (patches - p0) // unit)), constant_values=rows * length)
+        index = np.pad(rebased, ((0, 0), (0, features - index.shape[1])), constant_values=rows * length)
     else:
-        out["pixel_values"] = np.zeros((patches, vision_cfg.patch_dim), np.float32)
-        out["vision"] = vision_layout(np.zeros((0, 3), np.int64), vision_cfg, pad_to=patches).arrays()
-        index = np.full((copies, patches // unit), rows * length, np.int32)
+        out["pixel_values"] = images.empty_pixels(patches)
+        out["vision"] = images.layout(images.concat_info([]), pad_to=patches)
+        index = np.full((copies, features), rows * length, np.int32)
     out["image_token_index"] = (index[0] if copies == 1 else index).astype(np.int32)
     return out
 
@@ -141,12 +126,14 @@ class BatchSource:
         self.cache_dir = cache_dir
         self.mesh = mesh
         self.model_cfg = model_cfg
+        family = family_of(model_cfg)
         self.shards = local_data_shards(mesh)
         self.image_bounds = image_bounds(config, data)
         if split == "train":
             log.info("%s", self.image_bounds.description)
         self.data_config = pipeline_config(config, data, split, path=path, shuffle=shuffle, num_epochs=num_epochs,
-                                           bounds=self.image_bounds)
+                                           bounds=self.image_bounds, bucket_field=family.bucket_field)
+        self.images = pipeline.image_inputs(self.data_config, model_cfg)
         self.target_buckets = target_buckets(config)
         self._iterator = None
         self._batches_per_epoch = None
@@ -240,8 +227,7 @@ class BatchSource:
         while len(shards) < self.shards:  # end of an evaluation split: fill with an all-padding shard
             shards.append(_empty_like(shards[0]))
         length, patches = common_shapes(shards)
-        cfg = self.model_cfg.vision
-        shards = [pad_shard_batch(b, length, patches, cfg) for b in shards]
+        shards = [pad_shard_batch(b, length, patches, self.images) for b in shards]
         width = target_width(shards, self.target_buckets)
         shards = [add_target_arrays(b, width) for b in shards]
         stacked = stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in shards])

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 
 from ..data.errors import NoUsableRecordsError
 from ..models.export_dir import DestinationError, check_destination
-from ..models.qwen2_5_vl import Qwen25VL
+from ..models.families import family_of
 from . import checkpoint as ckpt
 from . import metrics as metrics_lib
 from . import steps
@@ -112,7 +112,8 @@ class Trainer:
         self.opts = step_options(config)
         if label_smoothing_note(config):
             log.info("%s", label_smoothing_note(config))
-        filt = steps.trainable_filter(config.model.train_vision, config.model.train_projector)
+        filt = steps.trainable_filter(family_of(self.model.config), config.model.train_vision,
+                                      config.model.train_projector)
         self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
         self.params = nnx.to_pure_dict(params)
         self.frozen = nnx.to_pure_dict(frozen)
@@ -346,7 +347,7 @@ class Trainer:
             out["eval"] = {k: self.census["eval"][k] for k in keys}
         return out
 
-    def merged_model(self, state) -> Qwen25VL:
+    def merged_model(self, state):
         """Returns the NNX model with the state's current parameters."""
         return nnx.merge(self.graphdef, state["params"], state["frozen"])
 

@@ -4,8 +4,9 @@
   ``Event`` protobuf), so neither TensorFlow nor the ``tensorboard`` package is needed at run time.
 * ``MetricsLogger`` is what the trainer calls once per logged step: one JSON line in ``workdir/metrics.jsonl``,
   TensorBoard scalars in ``workdir/tensorboard/``, and a progress line on stderr. Only the chief process writes.
-* ``flops_per_token`` / ``vision_flops_per_patch`` / ``mfu`` / ``peak_flops_per_device`` give model FLOPs
-  utilisation; ``measure_cpu_matmul_peak`` measures this machine's own matmul peak for benchmarks.
+* ``flops_per_token`` / ``mfu`` / ``peak_flops_per_device`` give model FLOPs utilisation (vision FLOPs: each
+  family's ``vision_flops_per_unit``); ``measure_cpu_matmul_peak`` measures this machine's own matmul peak for
+  benchmarks.
 """
 
 from __future__ import annotations
@@ -487,26 +488,6 @@ def flops_per_token(text_cfg, *, seq_len: int, mode: str) -> float:
     if mode == "forward":
         return fwd
     raise ValueError(f"unknown FLOPs mode {mode!r}; expected one of {', '.join(FLOPS_MODES)}")
-
-
-def vision_flops_per_patch(vision_cfg, *, trained: bool = False, patches_per_image: int = 1024) -> float:
-    """Returns the vision tower's FLOPs per input patch: forward only when frozen, 3x forward when ``trained``.
-
-    Counts the patch embedding, each block's qkv/proj/gate/up/down, the merger's two linears (per patch: divided
-    by the merge unit) and attention. Window blocks attend within a window of (window_size/patch_size)^2 patches
-    and full-attention blocks within the image (``patches_per_image``, 1024 = a 448x448 image); edge windows are
-    counted as full windows.
-    """
-    d, i = vision_cfg.hidden_size, vision_cfg.intermediate_size
-    m = d * vision_cfg.merge_unit
-    macs = vision_cfg.patch_dim * d
-    macs += vision_cfg.depth * (3 * d * d + d * d + 3 * d * i)
-    macs += (m * m + m * vision_cfg.out_hidden_size) / vision_cfg.merge_unit
-    window = min((vision_cfg.window_size // vision_cfg.patch_size) ** 2, patches_per_image)
-    n_full = len(vision_cfg.fullatt_block_indexes)
-    macs += 2 * d * (n_full * patches_per_image + (vision_cfg.depth - n_full) * window)  # q·k and p·v
-    fwd = 2.0 * macs
-    return 3.0 * fwd if trained else fwd
 
 
 # Dense bf16 peak FLOP/s per chip, keyed by substrings of ``jax.devices()[0].device_kind`` (longest match wins).

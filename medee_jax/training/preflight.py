@@ -58,10 +58,11 @@ def distribution(values: list) -> str:
     return f"{a.min()} / {int(np.median(a))} / {int(np.percentile(a, 95))} / {a.max()}"
 
 
-def _example_lengths(example: dict, merge_unit: int) -> tuple[int, int, int, int]:
-    """(row tokens, image tokens, target tokens, longest sequence) of a tokenized example."""
-    grid = example.get("image_grid_thw")
-    image_tokens = 0 if grid is None else int(np.asarray(grid).prod(axis=1).sum()) // merge_unit
+def _example_lengths(example: dict, images) -> tuple[int, int, int, int]:
+    """(row tokens, image tokens, target tokens, longest sequence) of a tokenized example (``images``: the model
+    family's `ImageInputs`)."""
+    info = example.get(images.info_key)
+    image_tokens = 0 if info is None else int(sum(images.token_counts(info)))
     if "input_ids" in example:
         n = len(example["input_ids"])
         return n, image_tokens, int(example["target_mask"].sum()), n
@@ -70,25 +71,28 @@ def _example_lengths(example: dict, merge_unit: int) -> tuple[int, int, int, int
     return longest, image_tokens, targets, longest
 
 
-def _full_length(parsed: dict, example: dict, tok) -> int:
+def _full_length(parsed: dict, example: dict, tok, images) -> int:
     """The longest sequence of the record untruncated (it is re-tokenized with no max_length)."""
     from ..data.tokenize import tokenize_record
 
-    return _example_lengths(tokenize_record(parsed["record"], tok, example.get("image_grid_thw")), 1)[3]
+    info = example.get(images.info_key)
+    counts = None if info is None else images.token_counts(info)
+    return _example_lengths(tokenize_record(parsed["record"], tok, num_image_tokens=counts), images)[3]
 
 
-def scan_split(data_config, vision, spec, tok) -> SplitScan:
+def scan_split(data_config, model_cfg, spec, tok) -> SplitScan:
     """Reads every record of ``data_config``'s files through the pipeline's stages (first epoch's order) and packs
     the examples into batches with ``spec``, as the trainer's iterator does. Never raises for a bad record.
-    ``tok``: the split's `ChatTokenizer` (to measure sequences the stage truncated)."""
+    ``model_cfg``: the model's config (its family reads the images); ``tok``: the split's `ChatTokenizer` (to
+    measure sequences the stage truncated)."""
     import grain
 
     from ..data.dataset_files import open_dataset
-    from ..data.pipeline import Dropped, example_stages
+    from ..data.pipeline import Dropped, example_stages, image_inputs
 
     records, record_format = open_dataset(data_config.paths, data_config.format, mode=data_config.mode)
-    parse, load_images, tokenize = example_stages(data_config, vision, record_format)
-    merge_unit = vision.spatial_merge_size ** 2
+    parse, load_images, tokenize = example_stages(data_config, model_cfg, record_format)
+    images = image_inputs(data_config, model_cfg)
     scan = SplitScan(path=", ".join(data_config.paths))
     source = grain.MapDataset.source(records)
     if data_config.shuffle:
@@ -121,12 +125,12 @@ def scan_split(data_config, vision, spec, tok) -> SplitScan:
                 scan.records -= 1  # a blank line is not a record
             continue
         scan.examples += 1
-        row, image_tokens, targets, longest = _example_lengths(example, merge_unit)
+        row, image_tokens, targets, longest = _example_lengths(example, images)
         scan.tokens.append(row)
         scan.image_tokens.append(image_tokens)
         scan.targets.append(targets)
         if longest >= data_config.max_length and \
-                _full_length(parsed, example, tok) > data_config.max_length:
+                _full_length(parsed, example, tok, images) > data_config.max_length:
             scan.truncated += 1
         if not packer.add(example):
             close_batch()
@@ -215,7 +219,8 @@ def run_check(config) -> int:
     """Runs the pre-flight for a config (resolved here if not already); prints the report and a last JSON line;
     returns 0 when nothing would fail, else 1. Writes nothing to the workdir."""
     from .mesh import local_data_shards, make_mesh
-    from .setup import embedded_model_config, pipeline_config, resolve_config, resolve_data, validate_config
+    from .setup import (embedded_family, embedded_model_config, resolve_config, resolve_data,
+                        validate_config)
 
     c = resolve_config(config)
     problems: list[str] = []
@@ -237,7 +242,7 @@ def run_check(config) -> int:
     with tempfile.TemporaryDirectory(prefix="medee_check_") as scratch:
         data = resolve_data(c, scratch, keep_tokenizer=False)  # the demo set, if any, lands in scratch
         if model_cfg is None and not (c.model.checkpoint or c.model.init_from):
-            model_cfg = embedded_model_config(data.tokenizer_dir)
+            model_cfg = embedded_model_config(data.tokenizer_dir, embedded_family(c))
         if model_cfg is None:
             return _finish(problems, summary)
         scans = _scan_data(c, data, model_cfg, problems, say)
@@ -260,10 +265,12 @@ def _scan_data(c, data, model_cfg, problems, say) -> dict:
     """Scans the train and eval splits; adds their problems; returns {split: SplitScan, "_spec": BatchSpec}."""
     from ..data import pipeline
     from ..data.tokenize import load_chat_tokenizer
+    from ..models.families import family_of
     from .setup import pipeline_config
 
+    family = family_of(model_cfg)
     try:
-        tok = load_chat_tokenizer(data.tokenizer_dir)
+        tok = load_chat_tokenizer(data.tokenizer_dir, **family.image_inputs(model_cfg).chat_tokens)
     except (OSError, ValueError) as e:
         problems.append(f"tokenizer {data.tokenizer_dir}: {e}")
         return {}
@@ -275,13 +282,13 @@ def _scan_data(c, data, model_cfg, problems, say) -> dict:
     for split, path in (("train", data.train_path), ("eval", data.eval_path)):
         if not path:
             continue
-        dc = pipeline_config(c, data, split, num_epochs=1)
+        dc = pipeline_config(c, data, split, num_epochs=1, bucket_field=family.bucket_field)
         try:
-            spec = pipeline.batch_spec(dc, model_cfg.vision, model_cfg.image_token_id)
+            spec = pipeline.batch_spec(dc, pipeline.image_inputs(dc, model_cfg), model_cfg.image_token_id)
         except ValueError as e:
             problems.append(str(e))
             return {}
-        scan = scan_split(dc, model_cfg.vision, spec, tok)
+        scan = scan_split(dc, model_cfg, spec, tok)
         scans[split] = scan
         if split == "train":
             scans["_spec"] = spec

@@ -20,9 +20,9 @@ from flax import nnx
 from .. import losses, recipes
 from ..data.dataset_info import spec_exists
 from ..data.record_formats import FORMAT_NAMES
-from ..models import config as model_config
+from ..models import config_from_hf_dict, load_config, presets
+from ..models.families import DEFAULT_FAMILY, family_named
 from ..models.layers import REMAT_POLICIES
-from ..models.qwen2_5_vl import Qwen25VL
 
 log = logging.getLogger("medee_jax.train")
 
@@ -106,7 +106,7 @@ def workdir_problem(path: str, create: bool = True) -> str | None:
 
 def _preset_problem(c: ml_collections.ConfigDict) -> str | None:
     """Returns why the preset does not fit the checkpoint's model (another size or family), or None."""
-    expected = model_config.PRESETS.get(c.preset)
+    expected = presets().get(c.preset)
     source = c.model.checkpoint or c.model.init_from
     if expected is None or not source:
         return None
@@ -243,9 +243,10 @@ def resolve_data(c: ml_collections.ConfigDict, workdir: str, *, keep_tokenizer: 
     if not tokenizer:
         from ..data.demo_tokenizer import build_demo_tokenizer
 
-        tokenizer = os.path.join(demo_dir, "tokenizer")
+        family = embedded_family(c)
+        tokenizer = os.path.join(demo_dir, "tokenizer" if family.name == DEFAULT_FAMILY else f"tokenizer_{family.name}")
         if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
-            build_demo_tokenizer(tokenizer)
+            build_demo_tokenizer(tokenizer, flavour=family.demo_tokenizer)
     if not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")) and \
             not os.path.isfile(os.path.join(tokenizer, "vocab.json")):
         raise FileNotFoundError(f"{tokenizer}: no tokenizer files (set data.tokenizer)")
@@ -266,13 +267,15 @@ def image_bounds(c: ml_collections.ConfigDict, data: DataSpec):
 
 
 def pipeline_config(c: ml_collections.ConfigDict, data: DataSpec, split: str, *, path: str | None = None,
-                    shuffle: bool | None = None, num_epochs: int | None | str = "default", bounds=None):
+                    shuffle: bool | None = None, num_epochs: int | None | str = "default", bounds=None,
+                    bucket_field: str = "patch_buckets"):
     """Returns the input pipeline's `DataConfig` for one split of the run: the one translation from the run
     config's fields (``data.*``, ``seed``, ``mode``, ``dpo.share_prompt``) to the pipeline's.
 
     ``path`` defaults to the split's data file, ``shuffle`` to data.shuffle for train (never for eval),
     ``num_epochs`` to None (endless: the loop counts steps) for train and 1 for eval; ``bounds`` to
-    `image_bounds` (the eval split reads its images from data.eval_media_root when set).
+    `image_bounds` (the eval split reads its images from data.eval_media_root when set); ``bucket_field``: the
+    model family's vision-unit buckets (`Family.bucket_field`: data.patch_buckets or data.tile_buckets).
     """
     from ..data import pipeline
 
@@ -287,9 +290,10 @@ def pipeline_config(c: ml_collections.ConfigDict, data: DataSpec, split: str, *,
         num_epochs = None if split == "train" else 1
     return pipeline.DataConfig(
         paths=(path,), tokenizer_dir=data.tokenizer_dir, mode=c.mode, batch_size=d.batch_size,
-        max_length=d.max_length, length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d.patch_buckets),
+        max_length=d.max_length, length_buckets=tuple(d.length_buckets), patch_buckets=tuple(d[bucket_field]),
         packing=bool(d.packing) and c.mode == "sft", seed=c.seed, shuffle=shuffle, num_epochs=num_epochs,
-        num_workers=d.num_workers, min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels, format=d.format,
+        num_workers=d.num_workers, min_pixels=bounds.min_pixels, max_pixels=bounds.max_pixels,
+        min_tiles=bounds.min_tiles, max_tiles=bounds.max_tiles, format=d.format,
         image_max_pixels=d.image_max_pixels, high_bit_depth=d.high_bit_depth, on_bad_record=d.on_bad_record,
         media_root=media_root or None, share_prompt=c.mode == "dpo" and bool(c.dpo.share_prompt))
 
@@ -310,31 +314,32 @@ def step_options(c: ml_collections.ConfigDict):
         vocab_chunk=c.train.vocab_chunk, seq_chunk=c.train.seq_chunk)
 
 
-def initial_model_config(c: ml_collections.ConfigDict) -> model_config.Qwen25VLConfig | None:
+def initial_model_config(c: ml_collections.ConfigDict):
     """Returns the config of the model the run starts from, read from small JSON files only (no weights):
     model.checkpoint's config.json, model.init_from's model_config.json (a run) or config.json (an Orbax model
     directory); None for the embedded model (its vocabulary follows the tokenizer: `embedded_model_config`)."""
     if c.model.checkpoint:
-        return model_config.load_config(c.model.checkpoint)
+        return load_config(c.model.checkpoint)
     if c.model.init_from:
         run_config = os.path.join(c.model.init_from, "model_config.json")
         if os.path.isdir(os.path.join(c.model.init_from, "checkpoints")) and os.path.isfile(run_config):
             with open(run_config, encoding="utf-8") as f:
-                return model_config.config_from_hf_dict(json.load(f), source=run_config)
-        return model_config.load_config(c.model.init_from)
+                return config_from_hf_dict(json.load(f), source=run_config)
+        return load_config(c.model.init_from)
     return None
 
 
-def embedded_model_config(tokenizer_dir: str) -> model_config.Qwen25VLConfig:
-    """Returns the tiny Qwen2.5-VL-shaped config matching the demo tokenizer's vocabulary and special ids."""
+def embedded_family(c: ml_collections.ConfigDict):
+    """Returns the family of the embedded tiny model: ``model.family``, or the registry's default when unset."""
+    return family_named(c.model.get("family", "") or DEFAULT_FAMILY)
+
+
+def embedded_model_config(tokenizer_dir: str, family=None):
+    """Returns the family's tiny demo config matching the demo tokenizer's vocabulary and special ids."""
     from ..data.tokenize import load_hf_tokenizer
 
-    tok = load_hf_tokenizer(tokenizer_dir)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    vocab = -(-len(tok) // 64) * 64  # round up, as hub checkpoints pad the embedding
-    return model_config.tiny_config(vocab_size=vocab, **ids)
+    family = family if family is not None else family_named(DEFAULT_FAMILY)
+    return family.config().demo_config(load_hf_tokenizer(tokenizer_dir))
 
 
 def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
@@ -349,7 +354,7 @@ def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
     return model
 
 
-def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec) -> Qwen25VL:
+def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec):
     """Returns the initial model, its parameters placed on ``mesh`` by the config's sharding rules."""
     dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
     rules = dict(c.sharding_rules)
@@ -361,12 +366,13 @@ def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec) -> Qwen25VL:
     if c.model.init_from:
         return model_from_workdir(c.model.init_from, mesh, rules, dtype=dtype, param_dtype=param_dtype,
                                   remat=c.model.remat)
-    cfg = embedded_model_config(data.tokenizer_dir)
-    model = Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.model.remat, rngs=nnx.Rngs(c.seed))
+    family = embedded_family(c)
+    cfg = embedded_model_config(data.tokenizer_dir, family)
+    model = family.model()(cfg, dtype=dtype, param_dtype=param_dtype, remat=c.model.remat, rngs=nnx.Rngs(c.seed))
     return place_on_mesh(model, mesh, rules)
 
 
-def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> Qwen25VL:
+def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat):
     """Returns the model of an earlier run's workdir (its latest checkpoint) or of an Orbax model directory
     written by ``tools/convert_checkpoint.py hf2orbax``, each parameter restored onto its sharding."""
     from ..models import abstract_model, orbax_io
@@ -379,7 +385,7 @@ def model_from_workdir(path: str, mesh, rules, *, dtype, param_dtype, remat) -> 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"model.init_from={path}: a run directory without model_config.json")
     with open(config_file) as f:
-        cfg = model_config.config_from_hf_dict(json.load(f), source=config_file)
+        cfg = config_from_hf_dict(json.load(f), source=config_file)
     model = abstract_model(cfg, dtype, param_dtype=param_dtype, remat=remat)
     shardings = nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh, rules))
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from ..models import abstract_model
+from ..models.families import family_of
 from ..models.sharding import param_shardings
 from . import steps
 from .batches import DEVICE_KEYS, add_target_arrays, pad_shard_batch
@@ -21,7 +22,7 @@ from .setup import DTYPES, step_options, target_buckets
 
 def abstract_state(c, model, mesh):
     """(graphdef, abstract state with shardings, optimizer, schedule) exactly as the trainer builds them."""
-    filt = steps.trainable_filter(c.model.train_vision, c.model.train_projector)
+    filt = steps.trainable_filter(family_of(model.config), c.model.train_vision, c.model.train_projector)
     graphdef, params, frozen = nnx.split(model, filt, nnx.Param)
     rules = dict(c.sharding_rules)
 
@@ -53,7 +54,8 @@ def abstract_batch(c, batch: dict, spec, mesh, model_cfg) -> dict:
     """The stacked [S, ...] batch of the largest buckets as ShapeDtypeStructs, from one built host batch."""
     length = spec.row_buckets[-1]
     patches = spec.patch_buckets[-1] if "pixel_values" in batch else None
-    shard = pad_shard_batch({k: v for k, v in batch.items() if k != "_key"}, length, patches, model_cfg.vision)
+    shard = pad_shard_batch({k: v for k, v in batch.items() if k != "_key"}, length, patches,
+                            family_of(model_cfg).image_inputs(model_cfg))
     if c.mode == "dpo" and c.dpo.reference == "precomputed" and "ref_logps" not in shard:
         shard["ref_logps"] = np.zeros(shard["input_ids"].shape[0], np.float32)
     shard = add_target_arrays(shard, min(max(target_buckets(c)), length))

@@ -2,7 +2,7 @@
 
 The model is split once (``nnx.split``) into a graph definition and pure dicts of parameters:
   * ``params``  the trainable parameters (the language model and LM head by default) — updated by the optimizer;
-  * ``frozen``  the rest (vision tower and projector by default) — never updated;
+  * ``frozen``  the rest (the family's vision tower and projector by default) — never updated;
   * ``ref``     the DPO reference's parameters (a frozen copy of what the policy trains, in compute dtype), or None.
 A step is jitted pure functions so gradient accumulation compiles once per batch shape:
   ``accumulate_first(state, batch, norms) -> acc`` for the first micro-batch, then
@@ -43,16 +43,25 @@ class StepOptions:
     seq_chunk: int = losses.DEFAULT_SEQ_CHUNK
 
 
-def trainable_filter(train_vision: bool, train_projector: bool):
-    """Returns the nnx filter selecting trainable parameters (language model always; vision parts if asked)."""
-    frozen = []
+def trainable_filter(family, train_vision: bool, train_projector: bool):
+    """Returns the nnx filter selecting trainable parameters: the language model always, the family's vision tower
+    (``family.vision_paths``) and projector (``family.projector_paths``) if asked (``families.Family``)."""
+    frozen = ()
     if not train_vision:
-        frozen += [nnx.PathContains("patch_embed"), nnx.PathContains("blocks")]
+        frozen += tuple(family.vision_paths)
     if not train_projector:
-        frozen.append(nnx.PathContains("merger"))
+        frozen += tuple(family.projector_paths)
     if not frozen:
         return nnx.Param
-    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen)))
+    return nnx.All(nnx.Param, nnx.Not(path_prefix_filter(frozen)))
+
+
+def path_prefix_filter(prefixes: tuple[str, ...]):
+    """Returns an nnx filter matching the parameters whose dotted path is, or lies under, one of ``prefixes``."""
+    def matches(path, _value) -> bool:
+        dotted = ".".join(str(getattr(p, "key", p)) for p in path)
+        return any(dotted == prefix or dotted.startswith(prefix + ".") for prefix in prefixes)
+    return matches
 
 
 def decay_mask(params: dict) -> dict:

@@ -1,11 +1,10 @@
-"""Qwen2.5-VL in Flax NNX: the vision tower (window attention + patch merger) and the model around the Qwen2 decoder.
+"""Qwen2.5-VL in Flax NNX: the vision tower (window attention + patch merger) around the shared Qwen2 decoder.
 
-Device entry points are shape-static and take host-computed arrays:
-  ``encode_images(pixel_values, **vision_layout)``  -> image features [P/4, D] in image order;
-  ``embed(input_ids, image_features, image_token_index)`` -> [B, L, D] with features scattered into image tokens;
-  ``hidden_states(...)`` -> final hidden [B, L, D];  ``logits(hidden)`` -> [B, L, V] fp32.
-``__call__`` is the convenience path outside jit: it takes transformers-processor-shaped inputs, computes the host
-arrays (M-RoPE positions, vision layout, scatter indices) and runs the jitted forward.
+``encode_images(pixel_values, **vision_layout)`` -> image features [P/4, D] in image order (shape-static, the
+layout computed on the host by ``vision_layout.py``); the decoder, feature scatter and logits are the shared
+``vlm.VisionLanguageModel``'s. ``__call__`` is the convenience path outside jit: it takes transformers-processor-
+shaped inputs, computes the host arrays (M-RoPE positions, vision layout, scatter indices) and runs the jitted
+forward.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..layers import apply_rotary, dot_product_attention, linear, maybe_remat, param, rms_norm, swiglu
+from ..rope import vision_cos_sin
+from ..vlm import VisionLanguageModel, check_token_batch, scatter_index
 from .config import Qwen25VLConfig, VisionConfig
-from .decoder import Qwen2Decoder
-from .layers import apply_rotary, dot_product_attention, linear, maybe_remat, param, rms_norm, swiglu
-from .rope import mrope_position_ids, vision_cos_sin
+from .host import mrope_position_ids
 from .vision_layout import vision_layout
 
 VISION_NORM_EPS = 1e-6
@@ -133,79 +133,23 @@ class VisionTower(nnx.Module):
         return merged[reverse_index]
 
 
-class Qwen25VL(nnx.Module):
+class Qwen25VL(VisionLanguageModel):
     """Qwen2.5-VL for conditional generation: ``visual``, ``language_model`` and ``lm_head`` (absent when tied)."""
 
     def __init__(self, cfg: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                  rngs: nnx.Rngs | None):
-        self.config = cfg
-        self.dtype = dtype
         self.visual = VisionTower(cfg.vision, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        self.language_model = Qwen2Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        if cfg.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), param_dtype,
-                                 "zeros" if rngs is None else "normal")
-
-    # ---- device entry points (shape-static) ----
+        self._init_language_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
 
     def encode_images(self, pixel_values, rot_pos, window_index, reverse_index, window_segments, image_segments):
         """Returns image features [P/4, D] for pixel_values [P, patch_dim] laid out by ``vision_layout``."""
         return self.visual(pixel_values, rot_pos, window_index, reverse_index, window_segments, image_segments)
 
-    def embed(self, input_ids, image_features=None, image_token_index=None):
-        """Returns input embeddings [B, L, D]; row f of image_features goes to flat position image_token_index[f].
-
-        image_token_index [F] indexes the flattened [B*L] sequence; entries >= B*L (padding rows) are dropped.
-        A [K, F] index places every feature K times (e.g. K=2 for DPO: the chosen and the rejected row share the
-        prompt's images, so the tower runs once per pair).
-        """
-        embeds = self.language_model.embed(input_ids)  # [B, L, D]
-        if image_features is None:
-            return embeds
-        b, length, d = embeds.shape
-        copies = 1 if image_token_index.ndim == 1 else image_token_index.shape[0]
-        features = jnp.tile(image_features.astype(embeds.dtype), (copies, 1))  # [K*F, D]
-        flat = embeds.reshape(b * length, d).at[image_token_index.reshape(-1)].set(features, mode="drop")
-        return flat.reshape(b, length, d)
-
-    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None):
-        """Returns final normed hidden states [B, L, D] (``branch_ids``: see decoder.text_attention_mask)."""
-        return self.language_model(embeds, position_ids, attention_mask, segment_ids, branch_ids)
-
-    def lm_head_kernel(self):
-        """Returns the LM-head kernel [D, V] (the embedding's transpose when tied)."""
-        if self.lm_head is None:
-            return self.language_model.embed_tokens[...].T
-        return self.lm_head[...]
-
-    def logits(self, hidden):
-        """Returns fp32 logits [B, L, V] from hidden states [B, L, D]."""
-        kernel = self.lm_head_kernel().astype(hidden.dtype)
-        return jnp.einsum("bld,dv->blv", hidden, kernel, preferred_element_type=jnp.float32)
-
-    def forward(self, input_ids, position_ids, attention_mask, segment_ids=None, pixel_values=None,
-                vision=None, image_token_index=None):
-        """Returns fp32 logits [B, L, V]; ``vision`` is the dict of ``VisionLayout.arrays()`` when images are given."""
-        features = None
-        if pixel_values is not None:
-            features = self.encode_images(pixel_values, **vision)
-        embeds = self.embed(input_ids, features, image_token_index)
-        return self.logits(self.hidden_states(embeds, position_ids, attention_mask, segment_ids))
-
-    # ---- host convenience path ----
-
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        position_ids=None, segment_ids=None) -> dict:
         """Returns the numpy arrays ``forward`` takes, computed on the host from processor-shaped inputs."""
         cfg = self.config
-        input_ids = np.asarray(input_ids, dtype=np.int32)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+        input_ids, mask = check_token_batch(input_ids, attention_mask)
         if position_ids is None:
             position_ids = mrope_position_ids(input_ids, image_grid_thw, mask, segment_ids,
                                               image_token_id=cfg.image_token_id,
@@ -221,25 +165,8 @@ class Qwen25VL(nnx.Module):
                 raise ValueError("pixel_values given without image_grid_thw")
             pixel_values = np.asarray(pixel_values, dtype=np.float32)
             layout = vision_layout(image_grid_thw, cfg.vision, pad_to=pixel_values.shape[0])
-            slots = np.flatnonzero((input_ids == cfg.image_token_id) & (mask != 0))
-            n_features = layout.num_valid_patches // cfg.vision.merge_unit
-            if slots.size != n_features:
-                raise ValueError(f"image tokens and image features do not match: {slots.size} <|image_pad|> tokens, "
-                                 f"{n_features} features from image_grid_thw")
             # One scatter target per merged feature row; rows of padding patches point past the end and are dropped.
-            index = np.full(pixel_values.shape[0] // cfg.vision.merge_unit, input_ids.size, np.int32)
-            index[: slots.size] = slots
+            index = scatter_index(input_ids, mask, cfg.image_token_id, pixel_values.shape[0] // cfg.vision.merge_unit,
+                                  layout.num_valid_patches // cfg.vision.merge_unit)
             out.update(pixel_values=pixel_values, vision=layout.arrays(), image_token_index=index)
         return out
-
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                 segment_ids=None):
-        """Returns fp32 logits [B, L, V] for transformers-processor-shaped inputs (numpy or jax), outside jit."""
-        arrays = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids,
-                                     segment_ids)
-        return _jitted_forward(self, arrays)
-
-
-@nnx.jit
-def _jitted_forward(model: Qwen25VL, arrays: dict):
-    return model.forward(**arrays)

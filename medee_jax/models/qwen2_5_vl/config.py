@@ -1,5 +1,7 @@
 """Frozen config dataclasses for Qwen2.5-VL, read from a checkpoint's config.json, and size presets.
 
+Jax-free (data workers and batch assembly read these configs).
+
 Two on-disk layouts are accepted:
   * the flat hub layout (text keys at the top level, ``rope_scaling`` with ``mrope_section``, a ``vision_config``);
   * transformers-5's nested layout (``text_config`` with ``rope_parameters``, ``vision_config``).
@@ -10,11 +12,11 @@ Keys a file leaves out take transformers' class defaults (tables below, from tra
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any
+from typing import Any, ClassVar
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+from ..text_config import TextConfig, pick, rope_fields
+
+MODEL_TYPES = ("qwen2_5_vl",)
 
 # transformers' class defaults for keys a config.json may omit.
 VISION_DEFAULTS: dict[str, Any] = {
@@ -62,6 +64,8 @@ TOP_DEFAULTS: dict[str, Any] = {
 class VisionConfig:
     """The Qwen2.5-VL vision tower (ViT with window attention and a 2x2 patch merger)."""
 
+    family: ClassVar[str] = "qwen2_5_vl"
+
     depth: int
     hidden_size: int
     intermediate_size: int
@@ -97,32 +101,10 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
-    """The Qwen2 text decoder (GQA with q/k/v bias, SwiGLU, M-RoPE)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1000000.0
-    mrope_section: tuple[int, ...] = (16, 24, 24)
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
-    pad_token_id: int | None = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
-@dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
     """A whole Qwen2.5-VL model: vision tower + text decoder + special token ids."""
+
+    family: ClassVar[str] = "qwen2_5_vl"
 
     text: TextConfig
     vision: VisionConfig
@@ -139,7 +121,7 @@ class Qwen25VLConfig:
             raise ValueError(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
         if t.num_attention_heads % t.num_key_value_heads:
             raise ValueError(f"num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}")
-        if 2 * sum(t.mrope_section) != t.head_dim:
+        if t.mrope_section is None or 2 * sum(t.mrope_section) != t.head_dim:
             raise ValueError(f"mrope_section {t.mrope_section} must sum to head_dim/2 = {t.head_dim // 2}")
         if self.vision.out_hidden_size != t.hidden_size:
             raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != text hidden_size {t.hidden_size}")
@@ -149,24 +131,13 @@ class Qwen25VLConfig:
         t, v = self.text, self.vision
         text = {
             "model_type": "qwen2_5_vl_text",
-            "vocab_size": t.vocab_size,
-            "hidden_size": t.hidden_size,
-            "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers,
-            "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads,
-            "hidden_act": t.hidden_act,
-            "max_position_embeddings": t.max_position_embeddings,
-            "rms_norm_eps": t.rms_norm_eps,
+            **t.hf_fields(),
             "rope_parameters": {
                 "rope_type": "default",
                 "type": "mrope",
                 "mrope_section": list(t.mrope_section),
                 "rope_theta": t.rope_theta,
             },
-            "bos_token_id": t.bos_token_id,
-            "eos_token_id": t.eos_token_id,
-            "pad_token_id": t.pad_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
         }
         vision = {
@@ -199,54 +170,28 @@ class Qwen25VLConfig:
         }
 
 
-def _rope_fields(d: dict) -> dict:
-    """Returns {'rope_theta', 'mrope_section'} found in a text config dict (flat or nested layout)."""
-    out = {}
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if "rope_theta" in rope:
-        out["rope_theta"] = float(rope["rope_theta"])
-    elif "rope_theta" in d:
-        out["rope_theta"] = float(d["rope_theta"])
-    if "mrope_section" in rope:
-        out["mrope_section"] = tuple(int(x) for x in rope["mrope_section"])
-    return out
-
-
-def _pick(src: dict, defaults: dict, aliases: dict[str, str] | None = None) -> dict:
-    out = dict(defaults)
-    for key in defaults:
-        if key in src and src[key] is not None:
-            out[key] = src[key]
-    for alias, key in (aliases or {}).items():
-        if key not in src and alias in src:
-            out[key] = src[alias]
-    return out
-
-
 def config_from_hf_dict(d: dict, source: str = "config.json") -> Qwen25VLConfig:
-    """Returns the model config for a parsed config.json (flat hub or nested transformers-5 layout)."""
-    model_type = d.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    """Returns the model config for a parsed config.json (flat hub or nested transformers-5 layout) whose
+    model_type is ``qwen2_5_vl`` (the registry, ``medee_jax.models.families``, dispatches on it)."""
+    if d.get("model_type") not in MODEL_TYPES:
+        raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a Qwen2.5-VL config ({MODEL_TYPES})")
     text_src = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
-    text_kw = _pick(text_src, {k: v for k, v in TEXT_DEFAULTS.items() if k not in ("rope_theta", "mrope_section")})
+    text_kw = pick(text_src, {k: v for k, v in TEXT_DEFAULTS.items() if k not in ("rope_theta", "mrope_section")})
     text_kw.update({k: TEXT_DEFAULTS[k] for k in ("rope_theta", "mrope_section")})
-    text_kw.update(_rope_fields(text_src))
+    text_kw.update(rope_fields(text_src))
     if text_kw["num_key_value_heads"] is None:
         text_kw["num_key_value_heads"] = text_kw["num_attention_heads"]
-    text = TextConfig(**{k: text_kw[k] for k in (f.name for f in dataclasses.fields(TextConfig))})
+    text = TextConfig(**{k: text_kw[k] for k in (f.name for f in dataclasses.fields(TextConfig)) if k in text_kw})
 
     vis_src = d.get("vision_config") or {}
-    vis_kw = _pick(vis_src, {k: v for k, v in VISION_DEFAULTS.items() if k != "rope_theta"},
+    vis_kw = pick(vis_src, {k: v for k, v in VISION_DEFAULTS.items() if k != "rope_theta"},
                    aliases={"in_chans": "in_channels"})
     vis_rope = vis_src.get("rope_parameters") or {}
     vis_kw["rope_theta"] = float(vis_rope.get("rope_theta", VISION_DEFAULTS["rope_theta"]))
     vis_kw["fullatt_block_indexes"] = tuple(int(i) for i in vis_kw["fullatt_block_indexes"])
     vision = VisionConfig(**vis_kw)
 
-    top = _pick(d, TOP_DEFAULTS)
+    top = pick(d, TOP_DEFAULTS)
     tie = bool(top["tie_word_embeddings"]) or bool(text_src.get("tie_word_embeddings", False))
     return Qwen25VLConfig(
         text=text,
@@ -257,19 +202,6 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> Qwen25VLConfig:
         vision_start_token_id=int(top["vision_start_token_id"]),
         vision_end_token_id=int(top["vision_end_token_id"]),
     )
-
-
-def load_config(hf_dir: str) -> Qwen25VLConfig:
-    """Returns the model config read from ``hf_dir/config.json``."""
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir}: no config.json (is this a Hugging Face checkpoint directory?)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return config_from_hf_dict(d, source=path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,3 +242,41 @@ def tiny_config(vocab_size: int = 512, *, tie_word_embeddings: bool = False, **s
         tie_word_embeddings=tie_word_embeddings,
         **special_ids,
     )
+
+
+def demo_config(tokenizer) -> Qwen25VLConfig:
+    """Returns the embedded demo's tiny model for ``tokenizer`` (a transformers tokenizer, the demo one): its
+    vocabulary rounded up to a multiple of 64 (as hub checkpoints pad the embedding) and its special token ids."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return tiny_config(vocab_size=-(-len(tokenizer) // 64) * 64, **ids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs (conventions of medee_jax.training.metrics: a multiply-add is 2 FLOPs, training = 3x forward, matmuls only).
+
+
+def vision_flops_per_patch(vision_cfg: VisionConfig, *, trained: bool = False, patches_per_image: int = 1024) -> float:
+    """Returns the vision tower's FLOPs per input patch: forward only when frozen, 3x forward when ``trained``.
+
+    Counts the patch embedding, each block's qkv/proj/gate/up/down, the merger's two linears (per patch: divided
+    by the merge unit) and attention. Window blocks attend within a window of (window_size/patch_size)^2 patches
+    and full-attention blocks within the image (``patches_per_image``, 1024 = a 448x448 image); edge windows are
+    counted as full windows.
+    """
+    d, i = vision_cfg.hidden_size, vision_cfg.intermediate_size
+    m = d * vision_cfg.merge_unit
+    macs = vision_cfg.patch_dim * d
+    macs += vision_cfg.depth * (3 * d * d + d * d + 3 * d * i)
+    macs += (m * m + m * vision_cfg.out_hidden_size) / vision_cfg.merge_unit
+    window = min((vision_cfg.window_size // vision_cfg.patch_size) ** 2, patches_per_image)
+    n_full = len(vision_cfg.fullatt_block_indexes)
+    macs += 2 * d * (n_full * patches_per_image + (vision_cfg.depth - n_full) * window)  # q·k and p·v
+    fwd = 2.0 * macs
+    return 3.0 * fwd if trained else fwd
+
+
+def vision_flops_per_unit(cfg: Qwen25VLConfig, *, trained: bool = False, units_per_image: int = 1024) -> float:
+    """The family's FLOPs entry point: FLOPs per vision unit (a patch) for images of ``units_per_image`` patches."""
+    return vision_flops_per_patch(cfg.vision, trained=trained, patches_per_image=units_per_image)

@@ -1,0 +1,108 @@
+"""The evaluation command: config, model lookup, the clear refusal while generation is missing, and the whole
+run with an injected generator."""
+
+import json
+import os
+import subprocess
+import sys
+
+from medee_jax.evaluation import suite
+from medee_jax.evaluation.generation import GenerationUnavailable
+from medee_jax.evaluation.model_runner import ModelSpec, load_generator, parse_model_specs
+from tests.eval_fixtures import FakeGenerator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_config", os.path.join(ROOT, "configs/eval.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    for key, value in overrides.items():
+        setattr(c, key, value)
+    return c
+
+
+def test_cli_says_generation_is_not_available(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "medee_jax.evaluate", "--config", os.path.join(ROOT, "configs/eval.py"),
+           "--workdir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    # the default demo workdirs do not exist here: each is skipped with the command that creates it
+    assert "skipping model 'stage1'" in done.stderr and "python -m medee_jax.train --config configs/sft.py" in done.stderr
+    assert "run first: python -m medee_jax.train --config configs/dpo.py" in done.stderr
+    assert "error: generation not available yet" in done.stderr
+    assert not (tmp_path / "out/base/results.json").exists()
+
+
+def test_model_specs(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/config.json").write_text("{}")
+    specs = parse_model_specs(f"base=embedded,{tmp_path / 'hf'},stage2=runs/dpo", seed=3)
+    assert specs == [ModelSpec("base", "embedded", seed=3), ModelSpec("hf", "hf", str(tmp_path / "hf")),
+                     ModelSpec("stage2", "workdir", "runs/dpo")]
+    try:
+        load_generator(specs[0])
+    except GenerationUnavailable as e:
+        assert "generation not available yet" in str(e)
+    else:
+        raise AssertionError("load_generator must refuse while medee_jax.models.generate is missing")
+
+
+def test_evaluate_demo_with_injected_generator(tmp_path):
+    c = _config(models="base=embedded,other=embedded", limit=0)
+    fakes = {}
+
+    def load(spec, **settings):
+        fakes[spec.name] = FakeGenerator()
+        return fakes[spec.name]
+
+    results = suite.evaluate(c, str(tmp_path), load_generator=load)
+    assert set(results) == {"base", "other"}
+    assert results["base"]["items"] == 120 and set(results["base"]["conditions"]) == {"standard", "blank", "shuffled"}
+    assert results["base"]["settings"]["instruction"].startswith("Reason step by step inside <think>")
+    assert {"demo_image/location", "demo_text/bmi"} <= set(results["base"]["conditions"]["standard"])
+    assert set(results["base"]["blind"]) == {"all", "demo_image", "demo_image/appearance", "demo_image/location",
+                                             "demo_image/side_size"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| all | base | 120 |" in table and "| all | other | 120 |" in table
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert json.loads((tmp_path / "base/results.json").read_text()) == results["base"]
+
+
+def test_prompt_encoding_and_decoding_for_generate(chat_tokenizer, tmp_path):
+    """The arrays the adapter will hand to medee_jax.models.generate, and reading its output rows back."""
+    import numpy as np
+
+    from medee_jax.data.images import qwen2_vl_preprocess
+    from medee_jax.evaluation.generation import GenerationRequest
+    from medee_jax.evaluation.items import ImageRef
+    from medee_jax.evaluation.model_runner import decode_rows, encode_prompts
+    from tests.eval_fixtures import write_png
+
+    image = ImageRef(path=write_png(tmp_path / "a.png", 90, (64, 56)))
+    with_image = GenerationRequest.make([{"role": "user", "content": "<image>Where is the lesion?"}], [image], 0)
+    text_only = GenerationRequest.make([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is 2 + 2?"}], [], 0)
+    arrays = encode_prompts([with_image, text_only], chat_tokenizer, min_pixels=3136, max_pixels=64 * 64,
+                            pad_token_id=0)
+    ids, mask = arrays["input_ids"], arrays["attention_mask"]
+    _, grid = qwen2_vl_preprocess([image.load()], 3136, 64 * 64)
+    n_image_tokens = int(grid.prod() // 4)
+    assert (ids[0] == chat_tokenizer.image_token_id).sum() == n_image_tokens
+    assert np.array_equal(arrays["image_grid_thw"], grid) and arrays["pixel_values"].shape == (int(grid.prod()), 1176)
+    assert mask[0].all() and mask[1, 0] == 0 and ids[1, 0] == 0  # the shorter row is left-padded
+    expected = chat_tokenizer.encode([chat_tokenizer.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True)])[0]
+    assert ids[1, mask[1] == 1].tolist() == expected
+
+    tok = chat_tokenizer.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    words = chat_tokenizer.encode(["The answer is B"])[0]
+    rows = np.array([words + [eos, 0, 0], words + [7, 7, 7]])
+    assert decode_rows(rows, tok, [eos]) == [("The answer is B", "stop"), (tok.decode(words + [7, 7, 7]), "length")]

@@ -195,8 +195,9 @@ def test_one_compiled_program_per_prompt_bucket(qwen_models):
     _, ours = qwen_models
     rng = np.random.default_rng(7)
     before = decoding.prefill._cache_size(), decoding.decode._cache_size()
-    lengths = [(9, 11), (13, 16), (20, 23), (17, 18), (40, 33)]  # buckets 16, 16, 24, 24, 48
-    assert [bucket_length(max(p)) for p in lengths] == [16, 16, 24, 24, 48]
+    lengths = [(9, 11), (13, 16), (21, 23), (22, 24), (40, 33)]  # buckets 16, 16, 24, 24, 40
+    assert [bucket_length(max(p)) for p in lengths] == [16, 16, 24, 24, 40]
+    assert [bucket_length(n) for n in (17, 20, 21, 29, 33, 264, 2048)] == [20, 20, 24, 32, 40, 320, 2048]
     for pair in lengths:
         ids, mask = qwen.pad_rows([list(rng.integers(2, qwen.TEXT_VOCAB, n)) for n in pair], "left")
         generate(ours, ids, mask, max_new_tokens=4, eos_token_id=1)

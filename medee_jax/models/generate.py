@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-# Prompt-block lengths: 16 * 2^k and 24 * 2^k (at most a third of a block is bucket padding).
+# Prompt-block lengths: 16 * 2^k * (1, 1.25, 1.5, 1.75) (at most a fifth of a block is bucket padding; four
+# buckets per doubling of the prompt length).
 PROMPT_BUCKET_MIN = 16
 FINISH_REASONS = ("stop", "length")
 
@@ -34,11 +35,11 @@ class GenerationOutput:
 
 
 def bucket_length(n: int, minimum: int = PROMPT_BUCKET_MIN, multiple: int = 1) -> int:
-    """Returns the smallest bucket >= n among minimum * 2^k and 1.5 * minimum * 2^k, rounded up to ``multiple``."""
+    """Returns the smallest bucket >= n among minimum * 2^k * (1, 1.25, 1.5, 1.75), rounded up to ``multiple``."""
     size = minimum
     while True:
-        for candidate in (size, size + size // 2):
-            candidate = -(-candidate // multiple) * multiple
+        for quarters in (4, 5, 6, 7):
+            candidate = -(-(size * quarters // 4) // multiple) * multiple
             if candidate >= n:
                 return candidate
         size *= 2

@@ -1,13 +1,14 @@
-"""The evaluation command: config, model lookup, the clear refusal while generation is missing, and the whole
-run with an injected generator."""
+"""The evaluation command: config, model lookup, the embedded demo model end to end, and the whole run with an
+injected generator."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from medee_jax.evaluation import suite
-from medee_jax.evaluation.generation import GenerationUnavailable
 from medee_jax.evaluation.model_runner import ModelSpec, load_generator, parse_model_specs
 from tests.eval_fixtures import FakeGenerator
 
@@ -26,17 +27,20 @@ def _config(**overrides):
     return c
 
 
-def test_cli_says_generation_is_not_available(tmp_path):
+def test_cli_evaluates_the_embedded_demo_model(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "medee_jax.evaluate", "--config", os.path.join(ROOT, "configs/eval.py"),
-           "--workdir", str(tmp_path / "out")]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
+           "--workdir", str(tmp_path / "out"), "--config.limit=3", "--config.sampling.max_new_tokens=6"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     # the default demo workdirs do not exist here: each is skipped with the command that creates it
     assert "skipping model 'stage1'" in done.stderr and "python -m medee_jax.train --config configs/sft.py" in done.stderr
     assert "run first: python -m medee_jax.train --config configs/dpo.py" in done.stderr
-    assert "error: generation not available yet" in done.stderr
-    assert not (tmp_path / "out/base/results.json").exists()
+    results = json.loads((tmp_path / "out/base/results.json").read_text())
+    assert results["items"] == 3 and set(results["conditions"]) == {"standard", "blank", "shuffled"}
+    samples = [json.loads(line) for line in (tmp_path / "out/base/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 9 and all(s["finish_reason"] in ("stop", "length") and s["output"] for s in samples)
+    assert "| all | base | 3 |" in (tmp_path / "out/results.md").read_text()
 
 
 def test_model_specs(tmp_path):
@@ -45,12 +49,11 @@ def test_model_specs(tmp_path):
     specs = parse_model_specs(f"base=embedded,{tmp_path / 'hf'},stage2=runs/dpo", seed=3)
     assert specs == [ModelSpec("base", "embedded", seed=3), ModelSpec("hf", "hf", str(tmp_path / "hf")),
                      ModelSpec("stage2", "workdir", "runs/dpo")]
-    try:
-        load_generator(specs[0])
-    except GenerationUnavailable as e:
-        assert "generation not available yet" in str(e)
-    else:
-        raise AssertionError("load_generator must refuse while medee_jax.models.generate is missing")
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    (tmp_path / "run/config.json").write_text("{}")  # a training run's config, not a Hugging Face one
+    assert parse_model_specs(str(tmp_path / "run")) == [ModelSpec("run", "workdir", str(tmp_path / "run"))]
+    with pytest.raises(TypeError, match="unknown settings batch"):
+        load_generator(specs[0], batch=3)
 
 
 def test_evaluate_demo_with_injected_generator(tmp_path):

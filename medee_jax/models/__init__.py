@@ -11,6 +11,7 @@ import json
 import os
 
 from .families import FAMILIES, family_for_model_type, family_of
+from .generate import GenerationOutput, generate, generate_with_info
 
 # Attribute ``from_pretrained`` sets on a model: the checkpoint directory it came from (for tokenizer files).
 SOURCE_DIR_ATTR = "hf_source_dir"

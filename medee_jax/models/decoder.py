@@ -3,8 +3,12 @@
 Layer parameters are stored stacked along a leading ``layers`` axis so one compiled layer body serves every depth
 and the stack can be rematerialised by a configurable policy. Rotary positions come from the family, computed on
 the host: M-RoPE positions [3, B, L] (Qwen2.5-VL, ``TextConfig.mrope_section`` set) or 1-D positions [B, L]
-(InternVL3, with optional dynamic NTK scaling); see ``rope.text_cos_sin``. Attention takes keys/values as separate
-arguments from queries so a KV cache can be threaded through for generation (``cache``, not implemented yet).
+(InternVL3, with optional dynamic NTK scaling); see ``rope.text_cos_sin``. Attention is ``attention.attention``
+(``implementation``: "reference" by default, the dense math training has always used).
+
+Generation threads a KV cache (``kv_cache.KVCache``: k, v ``[layers, B, S, Hkv, Dh]`` and per-row lengths) through
+the same scanned layer body: the cache rides in the scan's carry and each layer writes its slice with an in-place
+update (dynamic-update-slice for a prefill block, a per-row scatter for a decode step), so a step never copies it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .layers import apply_rotary, dot_product_attention, linear, maybe_remat, param, rms_norm, swiglu
+from .attention import attention
+from .kv_cache import KVCache, append_token, write_prefill
+from .layers import apply_rotary, linear, maybe_remat, param, rms_norm, swiglu
 from .rope import text_cos_sin
 from .text_config import TextConfig
 
@@ -79,19 +85,30 @@ class DecoderLayers(nnx.Module):
         return {name: getattr(self, name)[...] for name in decoder_layer_table(self.cfg)}
 
 
-def decoder_layer(p: dict, x, cos, sin, allowed, cfg: TextConfig):
-    """Returns one pre-norm decoder layer applied to x [B, L, D] (p: that layer's params, unstacked)."""
+def attention_inputs(p: dict, x, cos, sin, cfg: TextConfig):
+    """Returns one layer's rotated queries [B, L, Hq, Dh] and keys, values [B, L, Hkv, Dh] for x [B, L, D]."""
     b, length, _ = x.shape
     dh = cfg.head_dim
     h = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     q = linear(h, p["q_proj_kernel"], p["q_proj_bias"]).reshape(b, length, cfg.num_attention_heads, dh)
     k = linear(h, p["k_proj_kernel"], p["k_proj_bias"]).reshape(b, length, cfg.num_key_value_heads, dh)
     v = linear(h, p["v_proj_kernel"], p["v_proj_bias"]).reshape(b, length, cfg.num_key_value_heads, dh)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    attn = dot_product_attention(q, k, v, allowed).reshape(b, length, -1)  # [B, L, Hq*Dh]
-    x = x + linear(attn, p["o_proj_kernel"])
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def layer_output(p: dict, x, attn, cfg: TextConfig):
+    """Returns the rest of the layer: x + o_proj(attn), then + SwiGLU MLP (attn [B, L, Hq, Dh])."""
+    b, length, _ = x.shape
+    x = x + linear(attn.reshape(b, length, -1), p["o_proj_kernel"])
     h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
     return x + swiglu(h, p["gate_proj_kernel"], p["up_proj_kernel"], p["down_proj_kernel"])
+
+
+def decoder_layer(p: dict, x, cos, sin, attend, cfg: TextConfig):
+    """Returns one pre-norm decoder layer applied to x [B, L, D] (p: that layer's params, unstacked);
+    ``attend(q, k, v)`` -> [B, L, Hq, Dh] is the attention under the batch's mask."""
+    q, k, v = attention_inputs(p, x, cos, sin, cfg)
+    return layer_output(p, x, attend(q, k, v), cfg)
 
 
 def text_attention_mask(attention_mask, segment_ids=None, branch_ids=None):
@@ -125,23 +142,64 @@ class Qwen2Decoder(nnx.Module):
         """Returns token embeddings [B, L, D] in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def __call__(self, embeds, positions, attention_mask, segment_ids=None, branch_ids=None, *, cache=None):
-        """Returns final (normed) hidden states [B, L, D].
+    def __call__(self, embeds, positions, attention_mask, segment_ids=None, branch_ids=None, *, cache=None,
+                 implementation: str = "reference", mesh=None):
+        """Returns final (normed) hidden states [B, L, D]; with ``cache``, (hidden states, updated cache).
 
         embeds [B, L, D]; positions: the family's rotary positions, [3, B, L] (M-RoPE) or [B, L] (1-D);
         attention_mask [B, L] (1 = token, 0 = padding); segment_ids [B, L] optional, for packed rows (no attention
         across examples); branch_ids [B, L] optional, for a prompt shared by several completions (see
-        text_attention_mask). ``cache``: reserved for a KV cache (generation); must be None for now.
+        text_attention_mask). ``implementation`` / ``mesh``: see ``attention.attention`` ("reference" is the dense
+        math training has always used).
+
+        ``cache`` (a ``kv_cache.KVCache``; no segment or branch ids): with L > 1 a prefill, the first block of an
+        empty cache, rows right-padded (real tokens first): attention within the block, keys/values written to
+        slots [0, L), lengths = tokens per row; with L == 1 a decode step: the token goes to slot ``lengths[b]`` of
+        its row and attends the row's filled slots, lengths + 1.
         """
-        if cache is not None:
-            raise NotImplementedError("the decoder has no KV cache yet")
         cfg = self.cfg
         cos, sin = text_cos_sin(positions, cfg)  # [B, L, Dh]
-        allowed = text_attention_mask(attention_mask, segment_ids, branch_ids)  # [B, L, L]
         layer_params = jax.tree.map(lambda a: a.astype(self.dtype), self.layers.stacked())
+        x = embeds.astype(self.dtype)
+        if cache is not None:
+            if segment_ids is not None or branch_ids is not None:
+                raise ValueError("the KV-cache path takes no segment_ids or branch_ids")
+            x, cache = self._scan_with_cache(x, cos, sin, attention_mask, cache, layer_params, implementation, mesh)
+            return rms_norm(x, self.norm[...], cfg.rms_norm_eps), cache
 
-        def body(x, p):
-            return decoder_layer(p, x, cos, sin, allowed, cfg), None
+        def attend(q, k, v):
+            return attention(q, k, v, causal=True, kv_mask=attention_mask, q_segment_ids=segment_ids,
+                             q_branch_ids=branch_ids, implementation=implementation, mesh=mesh)
 
-        x, _ = jax.lax.scan(maybe_remat(body, self.remat), embeds.astype(self.dtype), layer_params)
+        def body(h, p):
+            return decoder_layer(p, h, cos, sin, attend, cfg), None
+
+        x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, layer_params)
         return rms_norm(x, self.norm[...], cfg.rms_norm_eps)
+
+    def _scan_with_cache(self, x, cos, sin, attention_mask, cache: KVCache, layer_params, implementation, mesh):
+        """Returns (x after every layer [B, L, D], the cache with this block's keys and values)."""
+        cfg = self.cfg
+        prefill = x.shape[1] > 1
+
+        def body(carry, inputs):
+            h, k_cache, v_cache = carry  # caches [layers, B, S, Hkv, Dh]
+            p, layer = inputs
+            q, k, v = attention_inputs(p, h, cos, sin, cfg)
+            if prefill:
+                k_cache, v_cache = write_prefill(k_cache, v_cache, layer, k, v)
+                attn = attention(q, k, v, causal=True, kv_mask=attention_mask, implementation=implementation,
+                                 mesh=mesh)
+            else:
+                k_cache, v_cache = append_token(k_cache, v_cache, layer, cache.lengths, k, v)
+                attn = attention(q, k_cache[layer], v_cache[layer], causal=True, q_offset=cache.lengths,
+                                 kv_lengths=cache.lengths + 1, implementation=implementation, mesh=mesh)
+            return (layer_output(p, h, attn, cfg), k_cache, v_cache), None
+
+        layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        (x, k_cache, v_cache), _ = jax.lax.scan(body, (x, cache.k, cache.v), (layer_params, layers))
+        if prefill:
+            lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+        else:
+            lengths = cache.lengths + 1
+        return x, KVCache(k_cache, v_cache, lengths)

@@ -222,9 +222,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _as_rgb_image(image: ImageLike) -> Image.Image:
+def as_rgb_image(image: ImageLike, high_bit_depth: str = "min_max") -> Image.Image:
+    """Returns an 8-bit RGB PIL image of a path / embedded bytes (loaded and validated by `load_image`), a PIL image
+    or a uint8 numpy array; images of more than 8 bits per sample become 8-bit by ``high_bit_depth`` (`to_8bit`)."""
     if isinstance(image, (str, os.PathLike, EmbeddedImage)):
-        return load_image(image)
+        return load_image(image, high_bit_depth=high_bit_depth)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8 [H, W] or [H, W, C]; got dtype {image.dtype}")
@@ -233,7 +235,7 @@ def _as_rgb_image(image: ImageLike) -> Image.Image:
         raise TypeError(f"expected a PIL image, a uint8 numpy array or a path; got {type(image).__name__}")
     if image.width <= 0 or image.height <= 0:
         raise ImageError(None, errors.EMPTY_IMAGE, f"image has zero width or height ({image.width}x{image.height})")
-    return to_rgb(to_8bit(image))
+    return to_rgb(to_8bit(image, high_bit_depth))
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
@@ -337,7 +339,7 @@ def qwen2_vl_patches(
     factor = patch_size * merge_size
     all_rows, grids = [], []
     for item in _as_list(images):
-        image = _as_rgb_image(item)
+        image = as_rgb_image(item)
         out_h, out_w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
         if (out_w, out_h) != image.size:  # Pillow's resize to the same size is a plain copy: skip it
             image = image.resize((out_w, out_h), resample=Image.Resampling.BICUBIC)
@@ -461,7 +463,7 @@ def internvl_preprocess(
     """
     tiles, counts = [], []
     for item in _as_list(images):
-        image = _as_rgb_image(item)
+        image = as_rgb_image(item)
         if crop_to_patches and max_patches > 1:
             cols, rows = best_tile_grid(image.height, image.width, min_patches, max_patches, image_size)
             canvas = np.asarray(

@@ -77,9 +77,9 @@ class InternVLImageInputs:
     def load(self, paths) -> tuple[np.ndarray, np.ndarray]:
         """Returns (tiles float32 [t, 3, S, S], image_num_patches int64 [k]) of image files: each image tiled into
         min_tiles..max_tiles tiles of S px (plus a thumbnail when more than one), as transformers' processor."""
-        from medee_jax.data.images import internvl_preprocess, load_image, prescale_image
+        from medee_jax.data.images import as_rgb_image, internvl_preprocess, prescale_image
 
-        images = [load_image(path, high_bit_depth=self.high_bit_depth) for path in paths]
+        images = [as_rgb_image(item, self.high_bit_depth) for item in paths]
         if self.image_max_pixels > 0:
             images = [prescale_image(image, self.image_max_pixels) for image in images]
         return internvl_preprocess(images, crop_to_patches=True, min_patches=self.min_tiles,

@@ -127,9 +127,9 @@ class QwenImageInputs:
 
     def load(self, paths) -> tuple[np.ndarray, np.ndarray]:
         """Returns (patches uint8 [p, 588] or float32 [p, 1176], image_grid_thw [k, 3]) of image files."""
-        from medee_jax.data.images import load_image, normalize_patches, prescale_image, qwen2_vl_patches
+        from medee_jax.data.images import as_rgb_image, normalize_patches, prescale_image, qwen2_vl_patches
 
-        images = [load_image(path, high_bit_depth=self.high_bit_depth) for path in paths]
+        images = [as_rgb_image(item, self.high_bit_depth) for item in paths]
         if self.image_max_pixels > 0:
             images = [prescale_image(image, self.image_max_pixels) for image in images]
         pixels, grid = qwen2_vl_patches(images, self.min_pixels, self.max_pixels, patch_size=self.vision.patch_size,

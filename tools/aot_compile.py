@@ -2,8 +2,7 @@
 no weights, no accelerator. Says whether a plan fits before a pod-hour is spent on it.
 
     python tools/aot_compile.py --config configs/dpo.py:qwen2_5_vl_7b --topology v5p-8 [--config.x=...]
-    python tools/aot_compile.py --config configs/dpo.py:qwen2_5_vl_7b --topology h200-1 \
-        --config.dpo.reference=precomputed --config.optimizer.mu_dtype=bfloat16
+    python tools/aot_compile.py --config configs/dpo.py:qwen2_5_vl_7b --topology h200-1 [--config.data.batch_size=2]
     python tools/aot_compile.py --all_plans=dpo      # every plan of recipes.SLICE_PLANS: the README's table
 
 The step is the trainer's own (`training.step_memory.compile_step`: `state.split_model`, `state.abstract_train_state`,

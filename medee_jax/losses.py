@@ -158,19 +158,24 @@ def _slice_tile(x: Array, start, sizes) -> Array:
     return jax.lax.dynamic_slice(x, start, sizes)
 
 
-def _matmul(spec: str, a: Array, b: Array, dtype) -> Array:
-    """einsum with operands in their storage dtype (bf16 stays bf16 for the MXU / tensor cores) and products
-    accumulated and returned in the compute dtype."""
-    operand_dtype = jnp.result_type(a.dtype, b.dtype)
+def _matmul(spec: str, a: Array, b: Array, dtype, operand_dtype) -> Array:
+    """einsum with both operands in ``operand_dtype`` (bf16 for the MXU / tensor cores) and products accumulated
+    and returned in the compute dtype ``dtype`` (float32)."""
     a, b = a.astype(operand_dtype), b.astype(operand_dtype)
     return jnp.einsum(spec, a, b, preferred_element_type=dtype).astype(dtype)
 
 
-def _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk):
+def _operand_dtype(hidden, kernel, matmul_dtype):
+    """The LM head's matmul operand dtype: ``matmul_dtype`` when given, else the operands' common dtype."""
+    return jnp.dtype(matmul_dtype) if matmul_dtype is not None else jnp.result_type(hidden.dtype, kernel.dtype)
+
+
+def _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk, matmul_dtype=None):
     """Returns (token log-probs [B, L], logsumexp [B, L]) in the compute dtype."""
     B, L, D = hidden.shape
     V = kernel.shape[1]
     dtype = _compute_dtype(hidden.dtype, kernel.dtype)
+    operand_dtype = _operand_dtype(hidden, kernel, matmul_dtype)
     labels = _clamp_labels(labels, V)  # [B, L]
 
     def seq_tile(i, out):
@@ -185,7 +190,7 @@ def _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk):
             w = _slice_tile(kernel, (0, v0), (D, vocab_chunk))  # [D, C]
             cols = v0 + jnp.arange(vocab_chunk)  # [C]
             is_new = cols >= j * vocab_chunk  # [C] False on columns the previous tile already covered
-            logits = jnp.where(is_new, _matmul("bsd,dc->bsc", h, w, dtype), -jnp.inf)  # [B, S, C]
+            logits = jnp.where(is_new, _matmul("bsd,dc->bsc", h, w, dtype, operand_dtype), -jnp.inf)  # [B, S, C]
             hit = is_new & (cols == y[..., None])  # [B, S, C]
             target = target + jnp.sum(jnp.where(hit, logits, 0), axis=-1)
             new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))  # finite: tile 0 has no masked columns
@@ -205,7 +210,7 @@ def _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk):
     return jax.lax.fori_loop(0, _num_chunks(L, seq_chunk), seq_tile, init)
 
 
-def _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk):
+def _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk, matmul_dtype=None):
     """Cotangents (d hidden [B, L, D], d kernel [D, V]) of Σ g · token_logps.
 
     d logit[b, t, v] = g[b, t] · (1[v = label] − softmax[b, t, v]); vocab tiles outside, sequence tiles inside, so
@@ -214,7 +219,7 @@ def _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk):
     B, L, D = hidden.shape
     V = kernel.shape[1]
     dtype = lse.dtype
-    operand_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
+    operand_dtype = _operand_dtype(hidden, kernel, matmul_dtype)
     labels = _clamp_labels(labels, V)  # [B, L]
     g = g.astype(dtype)  # [B, L]
 
@@ -236,13 +241,13 @@ def _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk):
             y = jax.lax.dynamic_slice(labels, (0, s0), (B, seq_chunk))  # [B, S]
             gt = jnp.where(rows_new, jax.lax.dynamic_slice(g, (0, s0), (B, seq_chunk)), 0)  # [B, S]
             lse_t = jax.lax.dynamic_slice(lse, (0, s0), (B, seq_chunk))  # [B, S]
-            logits = jnp.where(is_new, _matmul("bsd,dc->bsc", h, w, dtype), -jnp.inf)  # [B, S, C]
+            logits = jnp.where(is_new, _matmul("bsd,dc->bsc", h, w, dtype, operand_dtype), -jnp.inf)  # [B, S, C]
             probs = jnp.exp(logits - lse_t[..., None])  # [B, S, C]; 0 on masked columns
             onehot = (is_new & (cols == y[..., None])).astype(dtype)  # [B, S, C]
             # In the inputs' dtype for the two matmuls, like the cotangent autodiff passes to a bf16 matmul.
             d_logits = (gt[..., None] * (onehot - probs)).astype(operand_dtype)  # [B, S, C]
-            d_w = d_w + _matmul("bsd,bsc->dc", h, d_logits, dtype)  # [D, C]
-            d_h = _matmul("bsc,dc->bsd", d_logits, w, dtype)  # [B, S, D]
+            d_w = d_w + _matmul("bsd,bsc->dc", h, d_logits, dtype, operand_dtype)  # [D, C] accumulated in fp32
+            d_h = _matmul("bsc,dc->bsd", d_logits, w, dtype, operand_dtype)  # [B, S, D]
             prev = jax.lax.dynamic_slice(d_hidden, (0, s0, 0), (B, seq_chunk, D))
             d_hidden = jax.lax.dynamic_update_slice(d_hidden, prev + d_h, (0, s0, 0))
             return d_hidden, d_w
@@ -257,19 +262,19 @@ def _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk):
     return d_hidden.astype(hidden.dtype), d_kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_token_logps(hidden, kernel, labels, vocab_chunk, seq_chunk):
-    return _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_token_logps(hidden, kernel, labels, vocab_chunk, seq_chunk, matmul_dtype):
+    return _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk, matmul_dtype)[0]
 
 
-def _chunked_token_logps_fwd(hidden, kernel, labels, vocab_chunk, seq_chunk):
-    logps, lse = _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk)
+def _chunked_token_logps_fwd(hidden, kernel, labels, vocab_chunk, seq_chunk, matmul_dtype):
+    logps, lse = _chunked_forward(hidden, kernel, labels, vocab_chunk, seq_chunk, matmul_dtype)
     return logps, (hidden, kernel, labels, lse)
 
 
-def _chunked_token_logps_bwd(vocab_chunk, seq_chunk, residuals, g):
+def _chunked_token_logps_bwd(vocab_chunk, seq_chunk, matmul_dtype, residuals, g):
     hidden, kernel, labels, lse = residuals
-    d_hidden, d_kernel = _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk)
+    d_hidden, d_kernel = _chunked_backward(hidden, kernel, labels, lse, g, vocab_chunk, seq_chunk, matmul_dtype)
     return d_hidden, d_kernel, None
 
 
@@ -283,12 +288,19 @@ def chunked_token_logps(
     *,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     seq_chunk: int = DEFAULT_SEQ_CHUNK,
+    matmul_dtype: Any = None,
 ) -> Array:
     """[B, L] log p(labels[b, t] | hidden[b, t] @ lm_head_kernel), equal to `token_logps(hidden @ kernel, labels)`
     in values and gradients, computed in float32 (float64 for float64 inputs) without ever holding [B, L, V] logits.
 
     hidden: [B, L, D] final (normed) hidden states; lm_head_kernel: [D, V] ([in, out] layout); labels: [B, L] int.
-    Chunks larger than the axis are clamped to it; chunks that do not divide it are fine."""
+    Chunks larger than the axis are clamped to it; chunks that do not divide it are fine.
+
+    ``matmul_dtype``: the dtype both matmul operands are cast to, one tile at a time (e.g. bfloat16 for the MXU /
+    tensor cores with fp32 master weights: no bf16 copy of the whole kernel is made); products are accumulated in
+    float32 (``preferred_element_type``), and so are the logsumexp, the softmax and the kernel's gradient, which
+    is returned in the kernel's own dtype. None: the operands' common dtype (fp32 for a bf16 hidden state and an
+    fp32 kernel)."""
     if hidden.ndim != 3 or lm_head_kernel.ndim != 2 or hidden.shape[-1] != lm_head_kernel.shape[0]:
         raise ValueError(
             f"hidden has shape {tuple(hidden.shape)} and lm_head_kernel has shape {tuple(lm_head_kernel.shape)}; "
@@ -301,7 +313,9 @@ def chunked_token_logps(
     if int(vocab_chunk) < 1 or int(seq_chunk) < 1:
         raise ValueError(f"vocab_chunk and seq_chunk must be positive, got {vocab_chunk} and {seq_chunk}")
     L, V = hidden.shape[1], lm_head_kernel.shape[1]
-    return _chunked_token_logps(hidden, lm_head_kernel, labels, min(int(vocab_chunk), V), min(int(seq_chunk), L))
+    matmul_dtype = None if matmul_dtype is None else jnp.dtype(matmul_dtype).name  # hashable: a static argument
+    return _chunked_token_logps(hidden, lm_head_kernel, labels, min(int(vocab_chunk), V), min(int(seq_chunk), L),
+                                matmul_dtype)
 
 
 def chunked_sequence_logps(
@@ -312,10 +326,13 @@ def chunked_sequence_logps(
     *,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     seq_chunk: int = DEFAULT_SEQ_CHUNK,
+    matmul_dtype: Any = None,
 ) -> Array:
-    """[B] Σ_t mask[b, t] · log p(labels[b, t]) from hidden states; `sequence_logps` without [B, L, V] logits."""
+    """[B] Σ_t mask[b, t] · log p(labels[b, t]) from hidden states; `sequence_logps` without [B, L, V] logits
+    (``matmul_dtype``: see `chunked_token_logps`)."""
     _check_same_shape("labels", labels, "mask", mask)
-    logps = chunked_token_logps(hidden, lm_head_kernel, labels, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+    logps = chunked_token_logps(hidden, lm_head_kernel, labels, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
+                                matmul_dtype=matmul_dtype)
     mask = mask.astype(logps.dtype)
     return jnp.sum(jnp.where(mask != 0, logps * mask, 0), axis=-1)
 
@@ -328,10 +345,13 @@ def chunked_sft_loss_sum_count(
     *,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     seq_chunk: int = DEFAULT_SEQ_CHUNK,
+    matmul_dtype: Any = None,
 ) -> tuple[Array, Array]:
-    """(Σ masked token NLL, Σ mask) from hidden states; `sft_loss_sum_count` without [B, L, V] logits."""
+    """(Σ masked token NLL, Σ mask) from hidden states; `sft_loss_sum_count` without [B, L, V] logits
+    (``matmul_dtype``: see `chunked_token_logps`)."""
     _check_same_shape("labels", labels, "mask", mask)
-    logps = chunked_token_logps(hidden, lm_head_kernel, labels, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk)
+    logps = chunked_token_logps(hidden, lm_head_kernel, labels, vocab_chunk=vocab_chunk, seq_chunk=seq_chunk,
+                                matmul_dtype=matmul_dtype)
     return masked_sum_and_count(-logps, mask)
 
 

@@ -2,7 +2,9 @@
 
 `configs/sft.py` and `configs/dpo.py` build on `base_config` and pick a preset from the command line, big_vision
 style: ``--config configs/dpo.py:qwen2_5_vl_7b`` calls ``get_config("qwen2_5_vl_7b")``, which applies
-``PRESETS["qwen2_5_vl_7b"]`` (`apply_preset`). Command-line overrides (``--config.x.y=v``) come after and win.
+``PRESETS["qwen2_5_vl_7b"]`` (`apply_preset`); ``--config configs/dpo.py:qwen2_5_vl_7b,topology=v5p-8`` also applies
+that preset's plan for the slice (``SLICE_PLANS["qwen2_5_vl_7b"]["v5p-8"]``: mesh, batch, memory options).
+Command-line overrides (``--config.x.y=v``) come after and win.
 
 The embedded demo (no model.checkpoint, no model.init_from, no data.train) is decided once at the start of a run,
 after the overrides, by `medee_jax.training.setup.resolve_config`; only then are `DEMO_SIZES` applied, and only to
@@ -44,6 +46,7 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     # then replace the recipe's for every field the command line did not set.
     c.demo = "auto"
     c.preset = ""  # set by get_config(preset): the PRESETS entry this config was built from ("" = none)
+    c.topology = ""  # set by get_config("preset,topology=SLICE"): the SLICE_PLANS entry applied ("" = none)
 
     # Where the initial weights come from: a Hugging Face checkpoint directory, an earlier run's workdir (Stage-I
     # result -> Stage-II policy and reference), or neither: the embedded tiny Qwen2.5-VL-shaped model.
@@ -53,6 +56,9 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"  # none | full | dots | dots_no_batch
+    # Frozen parameters (vision tower and projector unless trained): "compute" stores them in model.dtype (they
+    # are cast to it at use anyway and never get gradients: half the bytes of fp32), "param" in model.param_dtype.
+    c.model.frozen_dtype = "compute"
     c.model.train_vision = False
     c.model.train_projector = False
     c.model.family = ""  # the embedded tiny model's family: "" (qwen2_5_vl) or internvl; checkpoints name their own
@@ -106,6 +112,10 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
     c.optimizer.max_grad_norm = 1.0
+    # AdamW's first moment: "bfloat16" saves 2 bytes per trainable parameter (what puts 7B DPO on one 141 GB
+    # H200 with the precomputed reference). The second moment stays fp32: its per-step change (1 - b2 = 0.1%) is
+    # below bf16's resolution and would be rounded away.
+    c.optimizer.mu_dtype = "float32"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = -1  # -1: num_epochs over the training set
@@ -121,6 +131,13 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.train.distributed = "auto"  # auto | true | false: jax.distributed.initialize()
     c.train.vocab_chunk = 8192
     c.train.seq_chunk = 1024
+    # The LM head's matmuls (the chunked log-probs): "compute" = model.dtype operands (bf16 on the MXU / tensor
+    # cores) with fp32 accumulation, logsumexp and gradients; "float32" = fp32 operands (TF32 or slower on GPU).
+    c.train.lm_head_dtype = "compute"
+    # GPU only: the share of each GPU's memory JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's default
+    # 0.75 leaves a quarter unused). Set at the trainer's start; the environment variable, when set, wins. 0: JAX's
+    # default.
+    c.train.gpu_memory_fraction = 0.95
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -141,7 +158,10 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.dpo.reference = "frozen"  # frozen | precomputed | none
     # True: one row per pair, [prompt | chosen | rejected]; the prompt and its image tokens go through the decoder
     # once for both completions (same log-probs as separate rows; rows take up to 2 x data.max_length tokens).
-    # Fewer tokens, but a longer dense attention: measured slower than separate rows on CPU (README, Benchmarks).
+    # Measured 1.3x faster per step on CPU (62M model, 64-token prompt + 64 image tokens, 192-token answers; README,
+    # Benchmarks). Off by default: its branch mask (a completion sees the prompt and itself) is not a causal +
+    # segment mask, which the fused attention kernels (splash, cuDNN) take, so on accelerators it may need the
+    # dense attention path; turn it on where your plan's attention supports it.
     c.dpo.share_prompt = False
     return c
 
@@ -149,8 +169,13 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------------------------
 # Size presets for real runs. One explicit dict per preset: dotted config field -> value, or {"sft": v, "dpo": v}
 # where the stages differ. Memory figures are for 80-96 GB accelerators (H100/H200, TPU v5p) with bf16 compute,
-# fp32 master weights and AdamW moments sharded by fsdp; check a plan on the real slice with `--check`.
-# InternVL3 presets (internvl3_1b ... internvl3_78b) go here once that model family lands.
+# fp32 master weights and AdamW moments sharded by fsdp; check a plan on the real slice with `--check`, or ahead
+# of time for a TPU slice with tools/aot_compile.py. SLICE_PLANS (below) adjust a preset for a named slice.
+
+# InternVL3 tiles: 448 px, 256 LLM tokens each. At most 6 tiles + a thumbnail per image (1,792 tokens) leaves
+# room in a 4,096-token row for the question and a long chain of thought (the processor allows 12 + 1).
+INTERNVL_MAX_TILES = 6
+INTERNVL_TILES_PER_IMAGE = INTERNVL_MAX_TILES + 1
 
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen2_5_vl_3b": {
@@ -208,6 +233,81 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.patch_buckets": {"sft": (1024, 2048, 2 * QWEN_PATCHES_PER_IMAGE),  # one full-size image per row
                                "dpo": (1024, 2048, QWEN_PATCHES_PER_IMAGE)},  # one image per pair
         "optimizer.lr": {"sft": 5e-6, "dpo": 2e-7},  # smaller again for the widest model
+    },
+}
+
+
+def _internvl_preset(*, tensor: int, batch: dict[str, int], lr: dict[str, float]) -> dict[str, Any]:
+    """An InternVL3 preset: the choices of the Qwen2.5-VL preset with the same decoder size (each entry's comment in
+    `PRESETS` says which), with tiles instead of patches."""
+    return {
+        "mesh.data": 1,  # fsdp over every device (after tensor): the state is spread, not replicated
+        "mesh.fsdp": -1,
+        "mesh.tensor": tensor,  # see the preset's comment
+        "model.remat": "full",  # 4k-token rows: activations are recomputed layer by layer
+        "data.batch_size": batch,  # rows (SFT) or pairs (DPO) per data shard
+        "data.max_length": 4096,  # a question, one image of up to 7 tiles (1,792 tokens) and a chain of thought
+        "data.length_buckets": (1024, 2048, 4096),  # three compiled lengths; most cases fall under 2k tokens
+        "data.target_buckets": (512, 1024, 2048, 4096),  # LM head only over completions, mostly under 1k tokens
+        "data.image_max_pixels": QWEN_IMAGE_MAX_PIXELS,  # the same pre-resize as Qwen's (LLaMA-Factory default)
+        "data.max_tiles": INTERNVL_MAX_TILES,  # + a thumbnail: 7 tiles, 1,792 image tokens per image at most
+        "data.tile_buckets": {"sft": (2, 4, batch["sft"] * INTERNVL_TILES_PER_IMAGE),  # one full image per row
+                              "dpo": (2, 4, batch["dpo"] * INTERNVL_TILES_PER_IMAGE)},  # images once per pair
+        "optimizer.lr": lr,
+    }
+
+
+PRESETS.update({
+    # 0.9B decoder (ViT-300M): as qwen2_5_vl_3b, fsdp alone; 14 heads / 2 KV heads do not split further.
+    "internvl3_1b": _internvl_preset(tensor=1, batch={"sft": 4, "dpo": 2}, lr={"sft": 1e-5, "dpo": 1e-6}),
+    # 1.5B decoder: as qwen2_5_vl_3b.
+    "internvl3_2b": _internvl_preset(tensor=1, batch={"sft": 4, "dpo": 2}, lr={"sft": 1e-5, "dpo": 1e-6}),
+    # 7B decoder (Qwen2.5-7B), ViT-300M: as qwen2_5_vl_7b.
+    "internvl3_8b": _internvl_preset(tensor=1, batch={"sft": 2, "dpo": 1}, lr={"sft": 1e-5, "dpo": 5e-7}),
+    # 14B decoder (48 layers x 5120, 40 / 8 heads): fsdp alone on 16+ devices; tensor 2 would halve the shards.
+    "internvl3_14b": _internvl_preset(tensor=1, batch={"sft": 2, "dpo": 1}, lr={"sft": 5e-6, "dpo": 3e-7}),
+    # 32B decoder + InternViT-6B (frozen, bf16): as qwen2_5_vl_32b, tensor 4.
+    "internvl3_38b": _internvl_preset(tensor=4, batch={"sft": 2, "dpo": 1}, lr={"sft": 5e-6, "dpo": 3e-7}),
+    # 72B decoder + InternViT-6B: as qwen2_5_vl_72b, tensor 8 within a host.
+    "internvl3_78b": _internvl_preset(tensor=8, batch={"sft": 2, "dpo": 1}, lr={"sft": 5e-6, "dpo": 2e-7}),
+})
+
+# Plans of a preset for named slices: slice -> the fields that differ there from the preset. A slice is a TPU slice
+# (``v5p-8``: 4 chips; ``v6e-8``: 8 chips; tools/aot_compile.py compiles the step for it ahead of time) or a GPU
+# host (``h200-1``: one 141 GB H200; ``h200-8``: one 8-GPU host). Applied by ``configs/dpo.py:PRESET,topology=SLICE``
+# and by ``tools/aot_compile.py --topology SLICE``; the README's pod-plan table is this table compiled.
+SLICE_PLANS: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen2_5_vl_7b": {
+        "v5p-8": {  # 4 chips: the preset as it is, fsdp over the 4 (8.3B x 16 B of state: 33 GB per chip)
+            "mesh.fsdp": -1,
+            "mesh.tensor": 1,
+        },
+        "h200-1": {  # one 141 GB GPU: no reference weights, bf16 first moment, one pair per step
+            "mesh.data": 1,
+            "mesh.fsdp": 1,
+            "mesh.tensor": 1,
+            "dpo.reference": "precomputed",  # one forward pass over the data first; no 15 GB bf16 copy resident
+            "optimizer.mu_dtype": "bfloat16",  # 15 GB less than fp32 moments
+            "data.batch_size": {"sft": 1, "dpo": 1},
+        },
+    },
+    "qwen2_5_vl_32b": {
+        "v5p-32": {  # 16 chips: tensor 4 (40 / 8 heads) x fsdp 4
+            "mesh.fsdp": -1,
+            "mesh.tensor": 4,
+        },
+    },
+    "qwen2_5_vl_72b": {
+        "v5p-64": {  # 32 chips: tensor 8 (64 / 8 heads) x fsdp 4
+            "mesh.fsdp": -1,
+            "mesh.tensor": 8,
+        },
+    },
+    "internvl3_78b": {
+        "v5p-64": {  # 32 chips: tensor 8 x fsdp 4, as qwen2_5_vl_72b (the same decoder, InternViT-6B frozen in bf16)
+            "mesh.fsdp": -1,
+            "mesh.tensor": 8,
+        },
     },
 }
 
@@ -283,19 +383,52 @@ def get_field(c: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
+def slice_plan_values(preset: str, slice_name: str, mode: str) -> dict[str, Any] | None:
+    """Returns {dotted field: value} of ``preset``'s plan for ``slice_name`` (stage-specific values resolved), or
+    None when the preset has no plan for that slice."""
+    plan = SLICE_PLANS.get(preset, {}).get(slice_name)
+    if plan is None:
+        return None
+    return {field: (value[mode] if isinstance(value, dict) else value) for field, value in plan.items()}
+
+
+def apply_slice_plan(c: ml_collections.ConfigDict, slice_name: str, keep=()) -> bool:
+    """Applies ``c.preset``'s plan for ``slice_name`` to ``c`` except on the dotted fields in ``keep`` (the command
+    line's overrides) and sets ``c.topology``; returns False (nothing changed but ``c.topology``) when the preset
+    has no plan for that slice."""
+    values = slice_plan_values(c.preset, slice_name, c.mode) if c.preset else None
+    c.topology = slice_name
+    if values is None:
+        return False
+    for field, value in values.items():
+        if field not in set(keep):
+            set_field(c, field, value)
+    return True
+
+
 def apply_preset(c: ml_collections.ConfigDict, name: str | None) -> ml_collections.ConfigDict:
     """Returns ``c`` with preset ``name`` applied (None or "": unchanged) and ``c.preset`` set to it.
 
-    The value after the colon of ``--config configs/dpo.py:NAME`` is the preset name.
+    The value after the colon of ``--config configs/dpo.py:NAME`` is the preset name, optionally followed by
+    ``,topology=SLICE``: then the preset's plan for that slice (`SLICE_PLANS`) is applied too.
     """
-    name = (name or "").strip()
+    name, *options = [part.strip() for part in (name or "").split(",")]
     if not name:
         return c
     if name in DEMO_VARIANTS:
+        if options:
+            raise ValueError(f"{name!r} is a demo variant: it takes no options ({', '.join(options)})")
         for field, value in DEMO_VARIANTS[name].items():
             set_field(c, field, value)
         return c
     for field, value in preset_values(name, c.mode).items():
         set_field(c, field, value)
     c.preset = name
+    for option in options:
+        key, _, value = option.partition("=")
+        if key != "topology" or not value:
+            raise ValueError(f"--config ...:{name},{option}: the only option after a preset is topology=SLICE")
+        if not apply_slice_plan(c, value):
+            planned = ", ".join(SLICE_PLANS.get(name, {})) or "none"
+            raise ValueError(f"preset {name!r} has no plan for slice {value!r} (planned: {planned})")
     return c

@@ -1,6 +1,12 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
+
+# The suite runs on the CPU. The test extra installs libtpu (for tools/aot_compile.py's TPU topologies); without
+# this, jax would probe for a TPU in every test process and subprocess and log libtpu's warnings.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -73,8 +73,8 @@ def run_job(config_file, out, overrides):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 \
             else np.asarray(x)
 
-    params = {k: gather(v) for k, v in flatten(trainer.state["params"]).items()}
-    frozen = {k: gather(v) for k, v in flatten(trainer.state["frozen"]).items()}
+    params = {k: gather(v) for k, v in flatten(trainer.state.params).items()}
+    frozen = {k: gather(v) for k, v in flatten(trainer.state.frozen).items()}
     if jax.process_index() == 0:
         losses = []
         with open(os.path.join(trainer.workdir, "metrics.jsonl")) as f:

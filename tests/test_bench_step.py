@@ -13,8 +13,8 @@ from tests.qwen_reference import tiny_hf_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "bench_step.py")
-KEYS = ("median_step_s", "tokens_per_s", "peak_rss_mb", "mfu", "compile_s", "tokens_per_step", "flops_per_token",
-        "device", "loadavg_start")
+KEYS = ("median_step_s", "tokens_per_s", "peak_rss_mb", "mfu", "hfu", "compile_s", "tokens_per_step",
+        "flops_per_token", "device", "loadavg_start", "rows_per_step", "row_length")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,37 @@ def test_bench_step_dpo_prints_json_line(tiny_checkpoint):
     # 2 rows (chosen, rejected) of 8 prompt + 4 image (56x56 -> 4x4 patches / 2x2 merge) + 8 response tokens.
     assert result["rows"] == 2 and result["seq_len"] == 20 and result["tokens_per_step"] == 40
     assert result["median_step_s"] > 0 and result["tokens_per_s"] == pytest.approx(40 / result["median_step_s"])
-    assert result["peak_rss_mb"] > 0 and 0 < result["mfu"]
+    assert result["peak_rss_mb"] > 0 and 0 < result["mfu"] < result["hfu"]
+    assert result["rows_per_step"] == 2 and result["row_length"] == 20
     assert result["model_source"] in ("from_pretrained",) or result["model_source"].startswith("random init")
     assert result["skipped_steps"] == 0.0
     assert len(result["step_times_s"]) == 2
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_bench_batch_is_the_trainers_layout(tiny_checkpoint, share_prompt):
+    """The benchmark's batch comes from the run's own BatchSpec: with --share-prompt one row per pair holding the
+    prompt once (the layout dpo.share_prompt trains on), not the separate rows of the default."""
+    import argparse
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_common
+    from medee_jax.models import load_config
+
+    args = argparse.Namespace(mode="dpo", pairs=2, prompt_len=8, response_len=8, image_size=56, dtype="float32",
+                              remat="none", share_prompt=share_prompt, warmup=0, steps=1, vocab_chunk=0,
+                              seq_chunk=0)
+    hf_config = bench_common.read_hf_config(tiny_checkpoint)
+    config = bench_common.plan_config(args, tiny_checkpoint, hf_config)
+    assert bool(config.dpo.share_prompt) is share_prompt
+    examples = bench_common.synthetic_examples("dpo", 2, 8, 8, 56, hf_config)
+    model_cfg = load_config(tiny_checkpoint)
+    batch = bench_common.host_step_batch(config, tiny_checkpoint, model_cfg, examples, shards=1)
+    rows, length = batch["input_ids"].shape[1:]
+    if share_prompt:  # [prompt (8 text + 4 image tokens) | chosen (8) | rejected (8)] per pair
+        assert (rows, length) == (2, 28) and "branch_ids" in batch
+    else:
+        assert (rows, length) == (4, 20) and "branch_ids" not in batch
+    flops = bench_common.step_flops(config, model_cfg, batch)
+    assert flops["decoder_tokens_per_step"] == (56 if share_prompt else 80)
+    assert flops["target_tokens_per_step"] == 4 * 8  # both layouts train on every completion token

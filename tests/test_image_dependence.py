@@ -66,7 +66,7 @@ def trained(tmp_path_factory, demo_tokenizer_dir):
     result = trainer.run()
     assert result.stopped == "done" and result.steps == STEPS
 
-    model = nnx.merge(trainer.graphdef, trainer.state["params"], trainer.state["frozen"])
+    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.state.frozen)
     held_out = task["held_out"]
     score = dict(root=task["root"], data_config=trainer.train_source.data_config)
     real = image_task.score_choices(model, [c["image"] for c in held_out], name="real", **score)

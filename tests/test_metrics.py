@@ -209,7 +209,8 @@ def test_progress_line_plain_stream(tmp_path, capsys):
         clock.t += 0.5
         logger.log(step, {"loss": 2.0, "learning_rate": 2e-4, "tokens": 1000})
     clock.t += 30.0
-    logger.log(20, {"train/loss": 1.5, "train/learning_rate": 3e-4, "tokens_per_s": 1234.0, "mfu": 0.421})
+    logger.log(20, {"train/loss": 1.5, "train/learning_rate": 3e-4, "tokens_per_s": 1234.0, "mfu": 0.421,
+                    "hfu": 0.5})
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert "\r" not in err
@@ -219,7 +220,8 @@ def test_progress_line_plain_stream(tmp_path, capsys):
     last = lines[1]
     # step time = (9 x 0.5 s + 30 s) / 19 steps = 34.5/19 s; ETA = 80 steps x 34.5/19 s = 145 s.
     assert "step 20/100" in last and "loss 1.5000" in last and "lr 3.00e-04" in last
-    assert "tokens/s 1,234" in last and "MFU 42.1%" in last and "ETA 2:25" in last
+    assert "tokens/s 1,234" in last and "MFU 42.1% | HFU 50.0%" in last and "ETA 2:25" in last
+    assert "HFU" not in lines[0]  # only when reported
     assert logger.step_time() == pytest.approx(34.5 / 19)
     summary = logger.summary()
     assert "\n" not in summary and "20/100" in summary and "final loss 1.5000" in summary
@@ -263,28 +265,94 @@ TINY = TextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidd
                   num_attention_heads=4, num_key_value_heads=2)
 
 
-def test_flops_per_token_tiny_config_by_hand():
-    # head_dim 4. Per layer: q 16*16 + k 16*8 + v 16*8 + o 16*16 = 768; MLP 3*16*32 = 1536 -> 2304.
-    # 2 layers = 4608, LM head 16*100 = 1600 -> N = 6208 matmul params.
-    assert M.text_matmul_params(TINY) == 6208
-    seq = 8
-    attn_train = 6 * 2 * 2 * seq * 4 * 4  # 6 x 2 x layers x seq_len x heads x head_dim = 3072
-    sft = 6 * 6208 + attn_train  # 40320
-    assert M.flops_per_token(TINY, seq_len=seq, mode="sft") == sft == 40320
-    assert M.flops_per_token(TINY, seq_len=seq, mode="dpo_no_ref") == sft
-    # a forward-only frozen reference: 2 x 6208 + 2 x 2 x layers x seq x heads x head_dim = 12416 + 1024.
-    assert M.flops_per_token(TINY, seq_len=seq, mode="dpo_frozen_ref") == sft + 12416 + 1024 == 53760
-    assert M.flops_per_token(TINY, seq_len=seq, mode="forward") == 12416 + 1024
-    assert isinstance(M.flops_per_token(TINY, seq_len=seq, mode="sft"), float)
+def test_attention_pairs_by_hand():
+    """Only the (query, key) pairs the decoder's mask allows: causal, real keys, same segment, prompt + own
+    branch."""
+    assert M.attention_pairs(np.array([[1, 1, 1, 0]])) == 1 + 2 + 3  # padding: no query, no key
+    # two packed examples in one row (segments 1 and 2) and padding
+    assert M.attention_pairs(np.array([[1, 1, 1, 1, 1, 0]]), np.array([[1, 1, 2, 2, 2, 0]])) == (1 + 2) + (1 + 2 + 3)
+    # a shared prompt of 2 tokens, a 2-token chosen and a 3-token rejected completion: each completion token sees
+    # the prompt and its own branch so far. = separate rows (4 and 5 tokens: 10 + 15) minus the prompt once (3).
+    mask = np.ones((1, 7), np.int32)
+    branch = np.array([[0, 0, 1, 1, 2, 2, 2]])
+    assert M.attention_pairs(mask, mask, branch) == 3 + (3 + 4) + (3 + 4 + 5) == 10 + 15 - 3
+    # leading axes are flattened: a stacked [S, rows, L] batch sums over every row
+    stacked = np.ones((2, 3, 4), np.int32)
+    assert M.attention_pairs(stacked) == 6 * 10
+
+
+def test_step_flops_tiny_config_by_hand():
+    # head_dim 4. Decoder per layer: q 16*16 + k 16*8 + v 16*8 + o 16*16 = 768; MLP 3*16*32 = 1536 -> 2304;
+    # 2 layers = 4608 weights; LM head 16*100 = 1600 (text_matmul_params = 6208).
+    assert M.decoder_matmul_params(TINY) == 4608 and M.text_matmul_params(TINY) == 6208
+    counts = M.TokenCounts(tokens=8, attention_pairs=36, targets=3)  # one causal 8-token sequence, 3 targets
+    assert M.sequence_counts(8, 3) == counts
+    weights = 2 * 4608 * 8  # 73728
+    attention = 4 * 4 * 4 * 2 * 36  # q.k + p.v: 4 x heads x head_dim x layers per pair = 4608
+    head = 2 * 1600 * 3  # the LM head on the 3 targets only = 9600
+    forward = weights + attention + head  # 87936
+    assert M.step_flops(TINY, counts, mode="forward") == {"model": forward, "hardware": forward}
+    sft = M.step_flops(TINY, counts, mode="sft")
+    assert sft["model"] == 3 * forward == 263808
+    assert sft["hardware"] == 3 * forward + head  # the chunked LM head's backward recomputes its logits
+    assert M.step_flops(TINY, counts, mode="dpo_no_ref") == sft
+    ref = M.step_flops(TINY, counts, mode="dpo_frozen_ref")  # + a forward-only reference pass
+    assert ref["model"] == 4 * forward and ref["hardware"] == 4 * forward + head
+    full = M.step_flops(TINY, counts, mode="sft", remat="full")  # HFU: the layer's forward again
+    assert full["model"] == 3 * forward and full["hardware"] == 3 * forward + weights + attention + head
+    no_batch = M.step_flops(TINY, counts, mode="sft", remat="dots_no_batch")  # only q.k, p.v recomputed
+    assert no_batch["hardware"] == 3 * forward + attention + head
+    assert M.step_flops(TINY, counts, mode="sft", vision=1000.0)["model"] == 3 * forward + 1000.0
+    assert M.step_flops(TINY, counts + counts, mode="sft")["model"] == 2 * 3 * forward
     with pytest.raises(ValueError, match="unknown FLOPs mode"):
-        M.flops_per_token(TINY, seq_len=seq, mode="ppo")
+        M.step_flops(TINY, counts, mode="ppo")
+    with pytest.raises(ValueError, match="no recompute entry"):
+        M.step_flops(TINY, counts, mode="sft", remat="offload")
 
 
-def test_flops_per_token_7b_is_about_6n():
+def test_every_remat_policy_has_a_recompute_entry():
+    from medee_jax.models.layers import REMAT_POLICIES
+
+    assert set(REMAT_POLICIES) == set(M.REMAT_RECOMPUTE)
+
+
+def test_flops_per_token_halves_causal_attention_and_counts_targets():
+    seq = 8
+    # per token: (weights + causal attention over 36 pairs + head on every token) / 8, three times
+    assert M.flops_per_token(TINY, seq_len=seq, mode="sft") == 3 * (2 * 4608 * 8 + 128 * 36 + 2 * 1600 * 8) / 8
+    quarter = M.flops_per_token(TINY, seq_len=seq, mode="sft", target_fraction=0.25)
+    assert quarter == 3 * (2 * 4608 * 8 + 128 * 36 + 2 * 1600 * 2) / 8
+    # 7B at 4,096 tokens: the old count (full L^2 attention, the head on every token) was 12% higher.
     text = PRESETS["qwen2_5_vl_7b"].text
     n = M.text_matmul_params(text)
-    assert 7.0e9 < n < 7.7e9  # ~6.5B non-embedding + 0.55B LM head
-    assert M.flops_per_token(text, seq_len=1, mode="sft") == 6 * n + 6 * 2 * 28 * 1 * 28 * 128
+    old = 6 * n + 12 * 28 * 4096 * 28 * 128
+    new = M.flops_per_token(text, seq_len=4096, mode="sft")
+    assert new == pytest.approx(6 * n + 12 * 28 * 28 * 128 * 4097 / 2)  # the attention term: (L + 1) / 2 keys
+    assert 0.8 < new / old < 0.95
+
+
+def test_batch_counts_and_vision_flops_of_a_dpo_batch():
+    from medee_jax.models.families import family_of
+    from medee_jax.models.qwen2_5_vl.config import tiny_config
+
+    cfg = tiny_config(64)
+    images = family_of(cfg).image_inputs(cfg)
+    rows, length = 4, 10  # 2 pairs: chosen rows 0-1, rejected rows 2-3
+    mask = np.zeros((1, rows, length), np.int32)
+    mask[0, :, :6] = 1
+    loss = np.zeros((1, rows, length), np.float32)
+    loss[0, :, 3:6] = 1.0
+    counts = M.batch_counts({"attention_mask": mask, "loss_mask": loss})
+    assert counts == M.TokenCounts(tokens=24, attention_pairs=4 * 21, targets=12)
+    # 16 patches padded to a 32-patch bucket: 4 of 8 feature rows real, both in row 0 (one image of 16 patches)
+    index = np.full((1, 2, 8), rows * length, np.int32)
+    index[0, 0, :4] = [1, 2, 3, 4]
+    index[0, 1, :4] = [21, 22, 23, 24]
+    batch = {"input_ids": np.zeros((1, rows, length), np.int32), "image_token_index": index,
+             "pixel_values": np.zeros((1, 32, cfg.vision.patch_dim), np.float32)}
+    per_patch = family_of(cfg).config().vision_flops_per_unit(cfg, units_per_image=16)
+    assert M.vision_flops(cfg, batch, images) == pytest.approx(16 * per_patch)
+    assert M.vision_flops(cfg, {"input_ids": batch["input_ids"]}, images) == 0.0
 
 
 def test_vision_flops_per_patch_by_hand():
@@ -302,6 +370,8 @@ def test_vision_flops_per_patch_by_hand():
 
 
 def test_mfu_arithmetic():
+    assert M.utilisation(6e12, 2.0, 4, 1e12) == pytest.approx(0.75)
+    assert M.utilisation(6e12, 2.0, 4, None) is None and M.utilisation(6e12, 0.0, 4, 1e12) is None
     assert M.mfu(1000.0, 6e9, 4, 1e12) == pytest.approx(1000 * 6e9 / 4e12) == pytest.approx(1.5)
     assert M.mfu(2000.0, 1e9, 8, 989e12) == pytest.approx(2e12 / (8 * 989e12))
     assert M.mfu(1000.0, 6e9, 4, None) is None

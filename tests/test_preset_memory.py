@@ -12,9 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,39 +21,22 @@ LIMIT_GIB = 80
 
 
 def preset_step_memory(preset: str, mode: str) -> dict:
-    """The preset's step memory on this process's devices, for a batch of full-length rows with one full-size
-    image per row (SFT) or per pair (DPO)."""
+    """The preset's step memory on this process's devices at its largest buckets, vision inputs included (one
+    full-size image per row for SFT, per pair for DPO: the largest patch bucket)."""
     from medee_jax import recipes
-    from medee_jax.data import pipeline
-    from medee_jax.models.qwen2_5_vl.config import PRESETS
+    from medee_jax.models import presets
     from medee_jax.training import setup
+    from medee_jax.training.batches import run_batch_spec
     from medee_jax.training.mesh import make_mesh
-    from medee_jax.training.step_memory import step_memory
+    from medee_jax.training.step_memory import compile_step, memory_report, synthetic_batch
     from tests.run_training import load_config
 
-    cfg = PRESETS[preset]
+    cfg = presets()[preset]
     c = recipes.apply_preset(load_config(os.path.join(ROOT, "configs", f"{mode}.py"), []), preset)
-    with tempfile.TemporaryDirectory() as ckpt:
-        with open(os.path.join(ckpt, "config.json"), "w") as f:
-            json.dump(cfg.to_hf_dict(), f)
-        c.model.checkpoint = c.data.train = ckpt
-        c = setup.resolve_config(c)
-        data = setup.DataSpec(os.path.join(ckpt, "train.jsonl"), "", ckpt, "", False)
-        spec = pipeline.batch_spec(dc := setup.pipeline_config(c, data, "train"), pipeline.image_inputs(dc, cfg),
-                                   cfg.image_token_id)
-    length, patches = c.data.max_length, recipes.QWEN_PATCHES_PER_IMAGE
-    ids = np.full(length, 100, np.int32)
-    ids[10:10 + patches // 4] = cfg.image_token_id
-    targets = np.zeros(length, np.int32)
-    targets[length // 4:] = 1
-    image = {"pixel_values": np.zeros((patches, 588), np.uint8), "image_grid_thw": np.array([[1, 56, 64]]),
-             "source": "synthetic:1"}
-    if mode == "sft":
-        items = [[{"input_ids": ids, "target_mask": targets, **image}]] * c.data.batch_size
-    else:
-        items = [{"chosen_input_ids": ids, "chosen_target_mask": targets, "rejected_input_ids": ids,
-                  "rejected_target_mask": targets, **image}] * c.data.batch_size
-    memory = step_memory(c, cfg, make_mesh(dict(c.mesh)), spec.build(items), spec)
+    data = setup.DataSpec("synthetic", "", "", "", False)
+    spec = run_batch_spec(c, data, cfg)
+    memory = memory_report(compile_step(c, cfg, make_mesh(dict(c.mesh)), synthetic_batch(c, spec, cfg), spec,
+                                        with_images=True))
     return {"preset": preset, "mode": mode, "peak_gib": memory["peak_bytes_per_device"] / 2**30,
             "state_gib": memory["state"] / 2**30, **memory["batch_shape"]}
 

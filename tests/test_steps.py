@@ -20,6 +20,7 @@ from medee_jax.models.qwen2_5_vl.model import Qwen25VL
 from medee_jax.training import steps
 from medee_jax.training.batches import DEVICE_KEYS, add_target_arrays, target_width
 from medee_jax.training.mesh import stack_shards
+from medee_jax.training.state import TrainState
 
 from .test_batching import IMAGE, make_example, make_pair
 
@@ -80,8 +81,8 @@ def build(mode, items, targets=(16, 64), share_prompt=False):
 
 def full_logits(model, shard):
     """[B, L, V] logits of one shard through the model's own forward pieces (no target gather)."""
-    features = steps._image_features(model, shard)
-    return model.logits(steps._hidden(model, shard, features))
+    features = steps.image_features(model, shard)
+    return model.logits(steps.decoder_hidden(model, shard, features))
 
 
 def with_random_pixels(items, rng):
@@ -150,8 +151,9 @@ def test_accumulate_first_equals_accumulating_from_zero(model):
     pairs = with_random_pixels([make_pair(rng, 1, 1), make_pair(rng, 2, 0)], rng)
     batch = jax.tree.map(jnp.asarray, build("dpo", pairs))
     graphdef, params, frozen = nnx.split(model, steps.trainable_filter(family_of(CFG), False, False), nnx.Param)
-    state = {"params": nnx.to_pure_dict(params), "frozen": nnx.to_pure_dict(frozen),
-             "ref": jax.tree.map(jnp.copy, nnx.to_pure_dict(params))}
+    state = TrainState(params=nnx.to_pure_dict(params), frozen=nnx.to_pure_dict(frozen),
+                       ref=jax.tree.map(jnp.copy, nnx.to_pure_dict(params)), opt_state=None, step=jnp.int32(0),
+                       nonfinite_in_a_row=jnp.int32(0), nonfinite_total=jnp.int32(0))
     norms = {"pairs": jnp.float32(2.0), "chosen_tokens": jnp.float32(float(batch["loss_mask"][0, :2].sum()))}
     opts = steps.StepOptions(mode="dpo", vocab_chunk=24, seq_chunk=8)
     first = steps.accumulate_first(graphdef, state, batch, norms, opts)
@@ -191,22 +193,22 @@ def test_apply_skips_non_finite_and_matches_optax_otherwise():
 
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b_bias": jnp.ones((3,))}
     opt = steps.make_optimizer(1e-2, weight_decay=0.1, b1=0.9, b2=0.999, eps=1e-8, params=params)
-    state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0),
-             "nonfinite_in_a_row": jnp.int32(0), "nonfinite_total": jnp.int32(0)}
+    state = TrainState(params=params, frozen={}, ref=None, opt_state=opt.init(params), step=jnp.int32(0),
+                       nonfinite_in_a_row=jnp.int32(0), nonfinite_total=jnp.int32(0))
     grads = {"w": jnp.full((2, 3), 3.0), "b_bias": jnp.array([1.0, -2.0, 0.5])}
     acc = {"grads": grads, "loss": jnp.float32(1.5), "sums": {}, "tokens": jnp.float32(7.0)}
     new, metrics = steps.apply(opt, lambda step: 1e-2, state, steps.clip_gradients(1.0, acc))
     reference = optax.chain(optax.clip_by_global_norm(1.0), opt)
     updates, _ = reference.update(grads, reference.init(params), params)
     for name in params:
-        np.testing.assert_allclose(new["params"][name], optax.apply_updates(params, updates)[name], rtol=1e-6)
+        np.testing.assert_allclose(new.params[name], optax.apply_updates(params, updates)[name], rtol=1e-6)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(grads)), rtol=1e-6)
-    assert int(new["step"]) == 1 and float(metrics["skipped"]) == 0.0 and int(new["nonfinite_in_a_row"]) == 0
+    assert int(new.step) == 1 and float(metrics["skipped"]) == 0.0 and int(new.nonfinite_in_a_row) == 0
 
     bad = dict(acc, grads={**grads, "w": grads["w"].at[0, 0].set(jnp.nan)})
     skipped, metrics = steps.apply(opt, lambda step: 1e-2, new, steps.clip_gradients(1.0, bad))
-    for a, b in zip(jax.tree.leaves((skipped["params"], skipped["opt_state"])),
-                    jax.tree.leaves((new["params"], new["opt_state"]))):
+    for a, b in zip(jax.tree.leaves((skipped.params, skipped.opt_state)),
+                    jax.tree.leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert float(metrics["skipped"]) == 1.0 and int(skipped["nonfinite_in_a_row"]) == 1
-    assert int(skipped["nonfinite_total"]) == 1 and int(skipped["step"]) == 2
+    assert float(metrics["skipped"]) == 1.0 and int(skipped.nonfinite_in_a_row) == 1
+    assert int(skipped.nonfinite_total) == 1 and int(skipped.step) == 2

@@ -157,14 +157,14 @@ def test_frozen_vision_and_reference_do_not_change(sft_data, tmp_path):
     params_before = {k: np.asarray(v) for k, v in flatten(jax.device_get(trainer.params)).items()}
     result = trainer.run()
     assert result.stopped == "done" and result.steps == 3
-    after = flatten(jax.device_get(trainer.state["frozen"]))
-    ref = flatten(jax.device_get(trainer.state["ref"]))
+    after = flatten(jax.device_get(trainer.state.frozen))
+    ref = flatten(jax.device_get(trainer.state.ref))
     assert before.keys() == after.keys() and any("visual" in k for k in before)
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     for k, v in ref.items():
         np.testing.assert_array_equal(v, params_before[k])
-    moved = flatten(jax.device_get(trainer.state["params"]))
+    moved = flatten(jax.device_get(trainer.state.params))
     assert any(np.abs(moved[k] - params_before[k]).max() > 0 for k in moved)
 
 
@@ -281,8 +281,8 @@ def test_nonfinite_steps_are_skipped_then_stop(sft_data, tmp_path, monkeypatch):
     before = flatten(jax.device_get(trainer.params))
     result = trainer.run()
     assert result.stopped == "nonfinite" and result.steps == 3
-    assert int(trainer.state["nonfinite_total"]) == 3
-    after = flatten(jax.device_get(trainer.state["params"]))
+    assert int(trainer.state.nonfinite_total) == 3
+    after = flatten(jax.device_get(trainer.state.params))
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     assert not os.path.isdir(tmp_path / "work" / "checkpoints") or not [
@@ -338,12 +338,12 @@ def test_precomputed_reference_equals_frozen_copy(sft_data, family_data, tmp_pat
         assert result.stopped == "done"
         runs[mode] = (trainer, result)
     frozen, pre = runs["frozen"][0], runs["precomputed"][0]
-    assert pre.state["ref"] is None and frozen.state["ref"] is not None
+    assert pre.state.ref is None and frozen.state.ref is not None
     annotated = [json.loads(line) for line in open(tmp_path / "precomputed" / "reference" / "train.jsonl")]
     assert len(annotated) == 12 and all(r["ref_chosen_logps"] < 0 and r["ref_rejected_logps"] < 0 for r in annotated)
     import jax
 
-    a, b = flatten(jax.device_get(frozen.state["params"])), flatten(jax.device_get(pre.state["params"]))
+    a, b = flatten(jax.device_get(frozen.state.params)), flatten(jax.device_get(pre.state.params))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
     assert runs["frozen"][1].final_metrics["loss"] == pytest.approx(runs["precomputed"][1].final_metrics["loss"],
@@ -370,8 +370,8 @@ def test_shared_prompt_rows_train_like_separate_rows(sft_data, tmp_path):
 
     rows = {shared: runs[shared][0].train_source.data_config.share_prompt for shared in runs}
     assert rows == {False: False, True: True}
-    a = flatten(jax.device_get(runs[False][0].state["params"]))
-    b = flatten(jax.device_get(runs[True][0].state["params"]))
+    a = flatten(jax.device_get(runs[False][0].state.params))
+    b = flatten(jax.device_get(runs[True][0].state.params))
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-5, err_msg=k)  # as the mesh-shape test: float reordering
     for name in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -397,13 +397,13 @@ def test_stage1_result_initialises_stage2_and_exports_to_hf(sft_data, tmp_path):
     stage2 = Trainer(load_config(DPO_CONFIG, overrides + [f"model.init_from={tmp_path / 'stage1'}"]))
     import jax
 
-    end1 = flatten(jax.device_get({"params": stage1.state["params"], "frozen": stage1.state["frozen"]}))
+    end1 = flatten(jax.device_get({"params": stage1.state.params, "frozen": stage1.state.frozen}))
     start2 = flatten(jax.device_get({"params": stage2.params, "frozen": stage2.frozen}))
     assert end1.keys() == start2.keys()
     for k in end1:
         np.testing.assert_array_equal(end1[k], start2[k], err_msg=k)
     stage2.run()
-    ref = flatten(jax.device_get(stage2.state["ref"]))
+    ref = flatten(jax.device_get(stage2.state.ref))
     for k, v in ref.items():
         np.testing.assert_array_equal(v, end1[f"params/{k}"])
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "stage2" / "hf", attn_implementation="eager")

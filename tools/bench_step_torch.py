@@ -10,8 +10,9 @@ sigmoid DPO loss; backward; global-norm clipping (1.0, the trainer's and HF Trai
 ``torch.optim.AdamW`` step. SFT: one forward, token-mean cross-entropy over the response, the same update.
 ``--remat full`` turns on transformers' gradient checkpointing (non-reentrant).
 
-Called by bench_step.py (``--framework torch``), in its own process. jax is not imported until the timed steps and
-the peak-RSS reading are done (it is needed only for the shared FLOPs arithmetic and the matmul peak).
+Called by bench_step.py (``--framework torch``), in its own process; the shared parts come from bench_common.py.
+jax is not imported until the timed steps and the peak-RSS reading are done (it is needed only for the trainer's
+host batch, the shared FLOPs arithmetic and the matmul peak).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import time
 
 import numpy as np
 
-from bench_step import (current_rss_mb, finish, high_water_rss_mb, load_run_config, model_flops_per_step, peak_flops,
-                        peak_rss_mb, reset_peak_rss, shape_summary, special_ids, synthetic_examples, timed, timed_steps)
+from bench_common import (current_rss_mb, finish, high_water_rss_mb, host_step_batch, peak_flops, peak_rss_mb,
+                          plan_config, reset_peak_rss, shape_summary, special_ids, step_flops, synthetic_examples,
+                          timed, timed_steps)
 
 
 def torch_batch(mode: str, examples: list[dict], image_token_id: int):
@@ -91,7 +93,7 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
         raise SystemExit(f"--framework torch supports --remat none|full, not {args.remat}")
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # The trainer's optimizer settings (configs/{mode}.py): AdamW, global-norm clipping.
-    run = load_run_config(args.mode)
+    run = plan_config(args, model_dir, hf_config)
     o = run.optimizer
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     load_s = time.perf_counter() - t_load
@@ -161,7 +163,10 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
     }
     del policy, ref, optimizer
     gc.collect()
-    # Only now load jax (for the shared FLOPs formulas and the measured matmul peak).
-    flops = model_flops_per_step(model_dir, args.mode, summary)
+    # Only now load jax (for the trainer's host batch and FLOPs arithmetic, and the measured matmul peak).
+    from medee_jax.models import load_config
+
+    model_cfg = load_config(model_dir)
+    flops = step_flops(run, model_cfg, host_step_batch(run, model_dir, model_cfg, examples, 1))
     peak, source = peak_flops(args)
     return finish(result, summary, flops, peak, source)

@@ -249,6 +249,7 @@ def dpo_step_measure(cfg, policy, compute, batch, norms, num_steps):
     from medee_jax.models.families import family_of
     from medee_jax.models.qwen2_5_vl.model import Qwen25VL
     from medee_jax.training import steps
+    from medee_jax.training.state import TrainState
 
     reset_peak_memory()
     model = Qwen25VL(cfg, dtype=compute, param_dtype=jnp.float32, remat=policy, rngs=nnx.Rngs(0))
@@ -258,12 +259,10 @@ def dpo_step_measure(cfg, policy, compute, batch, norms, num_steps):
     schedule = steps.warmup_cosine(1e-6, 100, 0.1)
     optimizer = steps.make_optimizer(schedule, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, params=params)
     replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = {
-        "params": params, "frozen": frozen,
-        "ref": jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))(params),
-        "opt_state": steps.init_optimizer_state(optimizer, params, replicated),
-        "step": jnp.int32(0), "nonfinite_in_a_row": jnp.int32(0), "nonfinite_total": jnp.int32(0),
-    }
+    state = TrainState(
+        params=params, frozen=frozen, ref=jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))(params),
+        opt_state=steps.init_optimizer_state(optimizer, params, replicated),
+        step=jnp.int32(0), nonfinite_in_a_row=jnp.int32(0), nonfinite_total=jnp.int32(0))
     del params, frozen
     fns = steps.jit_step(graphdef, steps.StepOptions(mode="dpo"), optimizer, schedule,
                          jax.tree.map(lambda x: x.sharding, state), max_grad_norm=1.0)

@@ -101,6 +101,25 @@ def add_target_arrays(batch: dict, width: int) -> dict:
     return out
 
 
+def run_batch_spec(config, data, model_cfg, split: str = "train"):
+    """Returns the `BatchSpec` the input pipeline builds this run's batches of ``split`` with: `pipeline.batch_spec`
+    of `setup.pipeline_config` (the one translation of the run config: buckets, dpo.share_prompt, image bounds)
+    and the model family's `ImageInputs`. ``data``: the run's `setup.DataSpec` (its paths are not opened)."""
+    dc = pipeline_config(config, data, split, bucket_field=family_of(model_cfg).bucket_field)
+    return pipeline.batch_spec(dc, pipeline.image_inputs(dc, model_cfg), model_cfg.image_token_id)
+
+
+def assemble_step(shards: list[dict], images, target_buckets: tuple[int, ...]) -> dict:
+    """Returns one step's stacked host batch [S, ...] from its data shards' pipeline batches: padded to their common
+    length and vision-unit bucket (`pad_shard_batch`; ``images``: the family's ``ImageInputs``), with target arrays
+    of the step's width (`target_width`, `add_target_arrays`), device keys only."""
+    length, patches = common_shapes(shards)
+    shards = [pad_shard_batch(b, length, patches, images) for b in shards]
+    width = target_width(shards, target_buckets)
+    shards = [add_target_arrays(b, width) for b in shards]
+    return stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in shards])
+
+
 def common_shapes(batches: list[dict]) -> tuple[int, int | None]:
     """Returns (L, P) every shard of a step is padded to (P None when no shard has images)."""
     length = max(b["input_ids"].shape[1] for b in batches)
@@ -226,11 +245,7 @@ class BatchSource:
             return None
         while len(shards) < self.shards:  # end of an evaluation split: fill with an all-padding shard
             shards.append(_empty_like(shards[0]))
-        length, patches = common_shapes(shards)
-        shards = [pad_shard_batch(b, length, patches, self.images) for b in shards]
-        width = target_width(shards, self.target_buckets)
-        shards = [add_target_arrays(b, width) for b in shards]
-        stacked = stack_shards([{k: v for k, v in b.items() if k in DEVICE_KEYS} for b in shards])
+        stacked = assemble_step(shards, self.images, self.target_buckets)
         if keep_sources:
             stacked["sources"] = [b.get("sources", []) for b in shards]
         return stacked

@@ -1,7 +1,11 @@
 """Orbax checkpoints of a training run: train state + the data iterator's state, async, keeping the last N.
 
 Layout under ``workdir/checkpoints/<step>/``:
-  ``state/``  the train state pytree: trainable ``params``, ``frozen`` params, ``opt_state``, ``step``, counters;
+  ``state/``  the train state (`state.TrainState.checkpoint_items`) as a dict: trainable ``params``, ``frozen``
+              params, ``opt_state``, ``step``, ``nonfinite_in_a_row``, ``nonfinite_total`` (not the frozen
+              reference copy, rebuilt from the initial weights). The layout is the one every checkpoint has had;
+              a restore casts each array to the running state's dtype, so a checkpoint saved with fp32 frozen
+              parameters resumes a run that keeps them in bf16 (``model.frozen_dtype``), and back;
   ``data/``   one JSON file per process with its input iterator's state (grain's checkpoint handler).
 and in its metadata (``_CHECKPOINT_METADATA``'s custom metadata) the run config it was saved under, so a resume
 can say which settings changed. ``workdir/model_config.json`` holds the model's config.json so a later stage can
@@ -80,6 +84,12 @@ class RunCheckpointer:
         except (FileNotFoundError, ValueError, KeyError):
             return None
         return metadata.get("config")
+
+    def restore_state(self, step: int, state):
+        """Returns (``state`` (a `state.TrainState`) with the checkpointed fields of ``step`` restored onto its
+        shardings and dtypes, the iterator state)."""
+        restored, iterator_state = self.restore(step, abstract_like(state.checkpoint_items()))
+        return state.with_checkpoint_items(restored), iterator_state
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, object]:
         """Returns (state placed like ``abstract_state``'s shardings, the iterator state) of checkpoint ``step``."""

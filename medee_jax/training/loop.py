@@ -16,23 +16,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from ..data.errors import NoUsableRecordsError
 from ..models.export_dir import DestinationError, check_destination
-from ..models.families import family_of
 from . import checkpoint as ckpt
 from . import metrics as metrics_lib
 from . import steps
 from .batches import BatchSource
-from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed, replicated
+from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed
 from .preemption import Interrupted, Preemption
 from .setup import build_model, resolve_config, resolve_data, step_options, validate_config
+from .state import TrainState, init_train_state, shardings_of, split_model
 from .workdir import changed_fields, config_dict, lock_workdir, save_start_config
 
 log = logging.getLogger("medee_jax.train")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+GPU_MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 
 
 @dataclasses.dataclass
@@ -55,8 +54,25 @@ def label_smoothing_note(config) -> str | None:
     return None
 
 
-def _global_norms(micro_batches: list[dict], mode: str) -> dict:
-    """Returns the optimizer step's global normalisers (summed over micro-batches and processes)."""
+def set_gpu_memory_fraction(fraction: float) -> str | None:
+    """Sets the share of each GPU's memory JAX preallocates (``XLA_PYTHON_CLIENT_MEM_FRACTION``; JAX's default is
+    0.75, which leaves a quarter of an H200 unused) unless the environment already sets it; ``fraction`` <= 0
+    leaves JAX's default. Only GPU clients read the variable (TPU and CPU ignore it), and only when the backend
+    starts, so this is called before anything touches a device. Returns the value in effect (None: JAX's default).
+    """
+    if GPU_MEMORY_FRACTION_ENV in os.environ:
+        return os.environ[GPU_MEMORY_FRACTION_ENV]
+    if not fraction or fraction <= 0:
+        return None
+    if not fraction <= 1:
+        raise ValueError(f"train.gpu_memory_fraction={fraction}: a fraction in (0, 1], or 0 for JAX's default")
+    os.environ[GPU_MEMORY_FRACTION_ENV] = f"{float(fraction):g}"
+    return os.environ[GPU_MEMORY_FRACTION_ENV]
+
+
+def global_norms(micro_batches: list[dict], mode: str) -> dict:
+    """Returns the optimizer step's global normalisers (summed over micro-batches and processes): {"tokens"} for
+    SFT, {"pairs", "chosen_tokens"} for DPO, as float32 scalars (``steps.accumulate``'s ``norms``)."""
     if mode == "sft":
         local = np.array([sum(float(b["loss_mask"].sum()) for b in micro_batches)])
         names = ("tokens",)
@@ -86,6 +102,7 @@ class Trainer:
         self.config = config = resolve_config(config)
         self.workdir = os.path.abspath(workdir or config.workdir)
         validate_config(config, self.workdir)
+        set_gpu_memory_fraction(config.train.get("gpu_memory_fraction", 0.0))
         maybe_initialize_distributed(config.train.distributed)
         self.is_chief = jax.process_index() == 0
         self.mesh = make_mesh(dict(config.mesh))
@@ -112,11 +129,9 @@ class Trainer:
         self.opts = step_options(config)
         if label_smoothing_note(config):
             log.info("%s", label_smoothing_note(config))
-        filt = steps.trainable_filter(family_of(self.model.config), config.model.train_vision,
-                                      config.model.train_projector)
-        self.graphdef, params, frozen = nnx.split(self.model, filt, nnx.Param)
-        self.params = nnx.to_pure_dict(params)
-        self.frozen = nnx.to_pure_dict(frozen)
+        self.graphdef, self.params, self.frozen = split_model(self.model, config)
+        # The model now holds the state's arrays (frozen ones in their stored dtype), not a second copy.
+        self.model = nnx.merge(self.graphdef, self.params, self.frozen)
         if config.mode == "dpo" and config.dpo.reference == "precomputed":
             self._use_precomputed_reference()
         cache = os.path.join(self.workdir, "cache")
@@ -189,30 +204,6 @@ class Trainer:
                              f"data.grad_accum_steps={c.data.grad_accum_steps} x {local_data_shards(self.mesh)} shards")
         return per_step * c.data.num_epochs
 
-    def _init_state(self):
-        c = self.config
-        schedule = steps.warmup_cosine(c.optimizer.lr, self.total_steps, c.optimizer.warmup_ratio,
-                                       c.optimizer.final_lr_ratio)
-        optimizer = steps.make_optimizer(schedule, weight_decay=c.optimizer.weight_decay, b1=c.optimizer.b1,
-                                         b2=c.optimizer.b2, eps=c.optimizer.eps, params=self.params)
-        ref = None
-        if c.mode == "dpo" and c.dpo.reference == "frozen":
-            compute = DTYPES[c.model.dtype]
-            ref = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(compute), p))(self.params)
-        rep = replicated(self.mesh)
-        state = {
-            "params": self.params,
-            "frozen": self.frozen,
-            "ref": ref,
-            "opt_state": steps.init_optimizer_state(optimizer, self.params, rep),
-            "step": jax.device_put(jnp.int32(0), rep),
-            "nonfinite_in_a_row": jax.device_put(jnp.int32(0), rep),
-            "nonfinite_total": jax.device_put(jnp.int32(0), rep),
-        }
-        # Leaves created inside jit without inputs (optimizer counts) land on one device: replicate them.
-        state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), state)
-        return state, optimizer, schedule
-
     def run(self) -> RunResult:
         """Trains to ``total_steps`` (resuming from the workdir's latest checkpoint) and returns the result; releases
         the workdir lock when it returns."""
@@ -221,16 +212,15 @@ class Trainer:
         finally:
             self.close()
 
-    def _restore(self, checkpointer: ckpt.RunCheckpointer, state: dict) -> int:
-        """Restores the latest checkpoint into ``state`` (and the data position unless data.reset_iterator);
-        warns, naming them, about settings that differ from those the checkpoint was saved under."""
+    def _restore(self, checkpointer: ckpt.RunCheckpointer, state: TrainState) -> tuple[TrainState, int]:
+        """Returns (``state`` with the latest checkpoint's fields, its step; 0 without a checkpoint) and moves the
+        data to its position unless data.reset_iterator; warns, naming them, about settings that differ from those
+        the checkpoint was saved under."""
         c = self.config
         start = checkpointer.latest_step()
         if start is None:
-            return 0
-        restorable = {k: v for k, v in state.items() if k != "ref"}
-        restored, iterator_state = checkpointer.restore(start, ckpt.abstract_like(restorable))
-        state.update(restored)
+            return state, 0
+        state, iterator_state = checkpointer.restore_state(start, state)
         saved = checkpointer.saved_config(start)
         changes = changed_fields(saved, config_dict(c)) if saved is not None else []
         if changes and self.is_chief:
@@ -245,27 +235,22 @@ class Trainer:
                 raise ValueError(f"{checkpointer.directory}/{start}: {e}. To keep the weights and optimizer state and "
                                  "start the data from its beginning, set data.reset_iterator=True") from None
         log.info("resumed from %s at step %d", checkpointer.directory, start)
-        return int(start)
+        return state, int(start)
 
     def _run(self) -> RunResult:
         c = self.config
-        state, optimizer, schedule = self._init_state()
-        shardings = jax.tree.map(lambda x: x.sharding, state)
+        state, optimizer, schedule = init_train_state(c, self.params, self.frozen, self.mesh, self.total_steps)
         checkpointer = ckpt.RunCheckpointer(self.workdir, keep=c.train.keep_checkpoints,
                                             async_save=c.train.async_checkpointing)
         saved_config = config_dict(c)
 
         def save(step, iterator_state):
             if checkpointer.latest_step() != step:
-                checkpointer.save(step, {k: v for k, v in state.items() if k != "ref"}, iterator_state, force=True,
-                                  config=saved_config)
+                checkpointer.save(step, state.checkpoint_items(), iterator_state, force=True, config=saved_config)
 
-        start = self._restore(checkpointer, state)
-        step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings, c.optimizer.max_grad_norm)
-
-        flops_per_token = metrics_lib.flops_per_token(
-            self.model.config.text, seq_len=c.data.max_length,
-            mode="dpo_frozen_ref" if self.opts.reference == "frozen" else "sft")
+        state, start = self._restore(checkpointer, state)
+        step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings_of(state),
+                                  c.optimizer.max_grad_norm)
         peak = metrics_lib.peak_flops_per_device(c.train.peak_flops_per_device or None)
         logger = metrics_lib.MetricsLogger(self.workdir, total_steps=self.total_steps, is_chief=self.is_chief,
                                            resume_step=start)
@@ -283,7 +268,7 @@ class Trainer:
                         save(step, position)
                     stopped = "preempted"
                     break
-                norms = _global_norms(micro, c.mode)
+                norms = global_norms(micro, c.mode)
                 acc = step_fns.accumulate_first(state, self.train_source.to_device(micro[0]), norms)
                 for batch in micro[1:]:
                     acc = step_fns.accumulate(acc, state, self.train_source.to_device(batch), norms)
@@ -294,14 +279,16 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     m["tokens_per_s"] = m["tokens"] / dt
                     m["step_s"] = dt
-                    m["mfu"] = metrics_lib.mfu(m["tokens_per_s"], flops_per_token, jax.device_count(), peak)
-                    m["nonfinite_total"] = int(state["nonfinite_total"])
+                    flops = self.step_flops(micro)
+                    m["mfu"] = metrics_lib.utilisation(flops["model"], dt, jax.local_device_count(), peak)
+                    m["hfu"] = metrics_lib.utilisation(flops["hardware"], dt, jax.local_device_count(), peak)
+                    m["nonfinite_total"] = int(state.nonfinite_total)
                     logger.log(step, m)
                     last_metrics = m
-                if int(state["nonfinite_in_a_row"]) >= c.train.max_nonfinite_in_a_row:
+                if int(state.nonfinite_in_a_row) >= c.train.max_nonfinite_in_a_row:
                     stopped = "nonfinite"
                     log.error("stopping: %d non-finite steps in a row; the last good checkpoint is kept",
-                              int(state["nonfinite_in_a_row"]))
+                              int(state.nonfinite_in_a_row))
                     break
                 if self.eval_source is not None and c.train.eval_every and step % c.train.eval_every == 0 \
                         and step < self.total_steps:
@@ -347,21 +334,37 @@ class Trainer:
             out["eval"] = {k: self.census["eval"][k] for k in keys}
         return out
 
-    def merged_model(self, state):
+    def step_flops(self, micro_batches: list[dict]) -> dict[str, float]:
+        """Returns {"model", "hardware"} FLOPs of one optimizer step over this process's host micro-batches
+        (`metrics.step_flops`: the decoder on real tokens, causal attention pairs, the LM head on targets, the
+        reference forward, the vision tower on real images; hardware adds the remat policy's recompute)."""
+        c, cfg = self.config, self.model.config
+        mode = "sft" if c.mode == "sft" else ("dpo_frozen_ref" if self.opts.reference == "frozen" else "dpo_no_ref")
+        images = self.train_source.images
+        out = {"model": 0.0, "hardware": 0.0}
+        for batch in micro_batches:
+            vision = metrics_lib.vision_flops(cfg, batch, images, trained=c.model.train_vision)
+            flops = metrics_lib.step_flops(cfg.text, metrics_lib.batch_counts(batch), mode=mode,
+                                           remat=c.model.remat, vision=vision)
+            out = {k: out[k] + flops[k] for k in out}
+        return out
+
+    def merged_model(self, state: TrainState):
         """Returns the NNX model with the state's current parameters."""
-        return nnx.merge(self.graphdef, state["params"], state["frozen"])
+        return nnx.merge(self.graphdef, state.params, state.frozen)
 
     def export_hf(self, state) -> str:
         """Writes ``workdir/hf`` (safetensors + config.json + tokenizer files); every process must call it."""
         from ..models import save_pretrained
 
         out = os.path.join(self.workdir, "hf")
-        parts = {"params": state["params"], "frozen": state["frozen"]}
+        parts = {"params": state.params, "frozen": state.frozen}
         if jax.process_count() > 1:  # parameters span hosts: gather them to every host, the chief writes
             from jax.experimental import multihost_utils
             parts = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), parts)
         if self.is_chief:
-            save_pretrained(self.merged_model(parts), out, source_dir=self.data.tokenizer_dir)
+            save_pretrained(nnx.merge(self.graphdef, parts["params"], parts["frozen"]), out,
+                            source_dir=self.data.tokenizer_dir)
             log.info("exported Hugging Face checkpoint to %s", out)
         return out
 
@@ -386,11 +389,11 @@ class Trainer:
 @functools.lru_cache(maxsize=None)
 def _eval_fn(graphdef, opts: steps.StepOptions):
     def fn(state, batch):
-        model = nnx.merge(graphdef, state["params"], state["frozen"])
+        model = nnx.merge(graphdef, state.params, state.frozen)
         if opts.mode == "sft":
             total, count = steps.sft_sums(model, batch, opts)
             return {"loss": (total, count)}
-        ref = nnx.merge(graphdef, state["ref"], state["frozen"]) if state.get("ref") is not None else None
+        ref = nnx.merge(graphdef, state.ref, state.frozen) if state.ref is not None else None
         ones = {"pairs": jnp.float32(1.0), "chosen_tokens": jnp.float32(1.0)}
         _, sums = steps.dpo_sums_and_loss(model, ref, batch, ones, opts)
         return sums

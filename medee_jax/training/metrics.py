@@ -4,13 +4,14 @@
   ``Event`` protobuf), so neither TensorFlow nor the ``tensorboard`` package is needed at run time.
 * ``MetricsLogger`` is what the trainer calls once per logged step: one JSON line in ``workdir/metrics.jsonl``,
   TensorBoard scalars in ``workdir/tensorboard/``, and a progress line on stderr. Only the chief process writes.
-* ``flops_per_token`` / ``mfu`` / ``peak_flops_per_device`` give model FLOPs utilisation (vision FLOPs: each
-  family's ``vision_flops_per_unit``); ``measure_cpu_matmul_peak`` measures this machine's own matmul peak for
-  benchmarks.
+* ``batch_counts`` / ``step_flops`` / ``vision_flops`` / ``utilisation`` give model and hardware FLOPs utilisation
+  (MFU, HFU) of a step from its host batch; ``flops_per_token`` the same per token for uniform sequences;
+  ``measure_cpu_matmul_peak`` measures this machine's own matmul peak for benchmarks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -188,6 +189,7 @@ LR_KEYS = ("learning_rate", "lr")
 TOKENS_PER_S_KEYS = ("tokens_per_s",)
 TOKENS_PER_STEP_KEYS = ("tokens",)
 MFU_KEYS = ("mfu",)
+HFU_KEYS = ("hfu",)
 
 
 def _as_float(v: Any) -> float | None:
@@ -242,8 +244,8 @@ class MetricsLogger:
     ``workdir/tensorboard/``, and a progress line on stderr. Non-chief processes write nothing.
 
     ``log(step, metrics)``: ``step`` counts completed steps (1..total_steps). The progress line reads ``loss``,
-    ``learning_rate`` (or ``lr``), ``tokens_per_s`` (else ``tokens`` per step divided by the measured step time)
-    and ``mfu``, each optionally prefixed ``train/``. Step time is measured between ``log`` calls (so it includes
+    ``learning_rate`` (or ``lr``), ``tokens_per_s`` (else ``tokens`` per step divided by the measured step time),
+    ``mfu`` and ``hfu``, each optionally prefixed ``train/``. Step time is measured between ``log`` calls (so it includes
     input and host time) and averaged over the last ``window`` intervals; the first call's interval (compilation)
     is not counted. On a TTY the line is rewritten in place with a carriage return; otherwise (CI, log files) a
     plain line is printed at the first log, then at most every ``plain_interval_s`` seconds, and at the last step.
@@ -341,10 +343,11 @@ class MetricsLogger:
         if tps is not None and math.isfinite(tps):
             self._tokens_per_s.append(tps)
         if self.console:
-            self._show(self.progress_line(step, loss, _find(numeric, LR_KEYS), tps, _find(numeric, MFU_KEYS)), now)
+            self._show(self.progress_line(step, loss, _find(numeric, LR_KEYS), tps, _find(numeric, MFU_KEYS),
+                                          _find(numeric, HFU_KEYS)), now)
 
     def progress_line(self, step: int, loss: float | None, lr: float | None, tokens_per_s: float | None,
-                      mfu: float | None = None) -> str:
+                      mfu: float | None = None, hfu: float | None = None) -> str:
         """Returns the one-line progress display for these values (and this logger's timing)."""
         total = max(self.total_steps, 1)
         frac = min(max(step / total, 0.0), 1.0)
@@ -358,6 +361,8 @@ class MetricsLogger:
         ]
         if mfu is not None:
             parts.append(f"MFU {_fmt_num(None if not math.isfinite(mfu) else mfu * 100, '.1f')}%")
+        if hfu is not None:
+            parts.append(f"HFU {_fmt_num(None if not math.isfinite(hfu) else hfu * 100, '.1f')}%")
         parts.append(f"{_fmt_num(st, '.3f')} s/step")
         parts.append(f"ETA {format_duration(eta) if eta is not None else '?'}")
         return " | ".join(parts)
@@ -451,43 +456,154 @@ def drop_records_after(path: str, step: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs and MFU.
+# FLOPs, MFU and HFU.
 #
 # Conventions: a multiply-add is 2 FLOPs; a backward pass costs twice its forward (training = 3x forward).
 # Only matmuls are counted (no norms, activations, softmax, rotary, biases or the embedding gather).
-# Attention scores/values use the full (padded) sequence length with no causal halving, as in PaLM's
-# appendix B: halving would count only the FLOPs a causal kernel could skip, and the dense kernels this
-# project runs do not skip them.
+# Model FLOPs (MFU) count what the step needs, not what a kernel happens to execute:
+#   * the decoder's weight matmuls on every real token (padding is not counted);
+#   * attention scores and values on the (query, key) pairs the mask allows: l(l+1)/2 per causal sequence of l
+#     tokens (about half of the l^2 a dense kernel computes), per packed segment, and for a shared-prompt DPO row
+#     the prompt once plus each completion over the prompt and itself;
+#   * the LM head on the training target positions only (the step runs it there and nowhere else);
+#   * a frozen reference's forward, and the frozen vision tower's forward once per image (the family's
+#     ``vision_flops_per_unit``).
+# Hardware FLOPs (HFU) add what the step computes twice: the decoder forward that the remat policy recomputes in
+# the backward pass (``REMAT_RECOMPUTE``) and the LM head's logits, which the chunked log-prob backward recomputes
+# tile by tile (losses.chunked_token_logps). Neither counts padding or masked attention blocks.
 
 FLOPS_MODES = ("sft", "dpo_frozen_ref", "dpo_no_ref", "forward")
 
+# Remat policy (models/layers.REMAT_POLICIES) -> (share of a decoder layer's weight-matmul forward, share of its
+# attention-matmul forward) recomputed in the backward pass.
+REMAT_RECOMPUTE: dict[str, tuple[float, float]] = {
+    "none": (0.0, 0.0),  # every activation kept
+    "full": (1.0, 1.0),  # the whole layer recomputed
+    "dots": (0.0, 0.0),  # matmul outputs kept, elementwise work recomputed (not counted: matmuls only)
+    "dots_no_batch": (0.0, 1.0),  # weight matmuls kept; the batched attention matmuls (q.k, p.v) recomputed
+}
 
-def text_matmul_params(text_cfg) -> int:
-    """Returns the matmul weights one token passes through: per layer q/k/v/o and gate/up/down, plus the LM head."""
+
+def decoder_matmul_params(text_cfg) -> int:
+    """Returns the decoder layers' matmul weights one token passes through: q/k/v/o and gate/up/down per layer."""
     d, i, h, kv, dh = (text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_attention_heads,
                        text_cfg.num_key_value_heads, text_cfg.head_dim)
     attention = d * h * dh + 2 * d * kv * dh + h * dh * d  # q, k, v, o
     mlp = 3 * d * i  # gate, up, down
-    return text_cfg.num_hidden_layers * (attention + mlp) + d * text_cfg.vocab_size
+    return text_cfg.num_hidden_layers * (attention + mlp)
 
 
-def flops_per_token(text_cfg, *, seq_len: int, mode: str) -> float:
-    """Returns the text decoder's FLOPs per token for one training step.
+def text_matmul_params(text_cfg) -> int:
+    """Returns the matmul weights of the text model: the decoder layers' (`decoder_matmul_params`) + the LM head."""
+    return decoder_matmul_params(text_cfg) + text_cfg.hidden_size * text_cfg.vocab_size
 
-    ``sft`` / ``dpo_no_ref``: 6·N + 12·layers·seq_len·heads·head_dim (forward + backward, N = matmul params);
-    ``dpo_frozen_ref`` adds a forward-only reference pass: 2·N + 4·layers·seq_len·heads·head_dim;
-    ``forward`` (evaluation) is the forward pass alone.
-    """
-    n = text_matmul_params(text_cfg)
-    attn_fwd = 2 * 2 * text_cfg.num_hidden_layers * seq_len * text_cfg.num_attention_heads * text_cfg.head_dim
-    fwd = 2.0 * n + attn_fwd
-    if mode in ("sft", "dpo_no_ref"):
-        return 3.0 * fwd
-    if mode == "dpo_frozen_ref":
-        return 3.0 * fwd + fwd
+
+@dataclasses.dataclass(frozen=True)
+class TokenCounts:
+    """What a step's text FLOPs depend on, summed over its rows: ``tokens`` the decoder runs on (real tokens),
+    ``attention_pairs`` (query, key) pairs the attention mask allows, ``targets`` LM-head target positions."""
+
+    tokens: int
+    attention_pairs: int
+    targets: int
+
+    def __add__(self, other: "TokenCounts") -> "TokenCounts":
+        return TokenCounts(self.tokens + other.tokens, self.attention_pairs + other.attention_pairs,
+                           self.targets + other.targets)
+
+
+def sequence_counts(length: int, targets: int | None = None) -> TokenCounts:
+    """Returns the counts of one causal sequence of ``length`` tokens (targets: all of them unless given)."""
+    return TokenCounts(length, length * (length + 1) // 2, length if targets is None else targets)
+
+
+def attention_pairs(attention_mask, segment_ids=None, branch_ids=None) -> int:
+    """Returns Σ over rows and query tokens of the keys the decoder's mask allows (decoder.text_attention_mask:
+    causal, real keys, same segment; with ``branch_ids`` the prompt (0) and the query's own branch). Arrays
+    [..., L] with any leading axes."""
+    mask = np.asarray(attention_mask).reshape(-1, np.shape(attention_mask)[-1]) != 0  # [R, L]
+    seg = np.zeros(mask.shape, np.int64) if segment_ids is None else np.asarray(segment_ids).reshape(mask.shape)
+    branch = np.zeros(mask.shape, np.int64) if branch_ids is None else np.asarray(branch_ids).reshape(mask.shape)
+    total = 0
+    for r in range(mask.shape[0]):
+        for s in np.unique(seg[r][mask[r]]):
+            in_seg = mask[r] & (seg[r] == s)
+            shared = np.cumsum(in_seg & (branch[r] == 0))  # [L] branch-0 keys at or before each position
+            total += int(shared[in_seg].sum())
+            for b in np.unique(branch[r][in_seg & (branch[r] != 0)]):
+                own = in_seg & (branch[r] == b)
+                total += int(np.cumsum(own)[own].sum())
+    return total
+
+
+def batch_counts(batch: Mapping[str, Any]) -> TokenCounts:
+    """Returns the TokenCounts of a host batch (the pipeline's or a stacked [S, ...] one): attention_mask,
+    segment_ids / branch_ids when present, and the loss_mask's target positions."""
+    mask = np.asarray(batch["attention_mask"])
+    return TokenCounts(tokens=int((mask != 0).sum()),
+                       attention_pairs=attention_pairs(mask, batch.get("segment_ids"), batch.get("branch_ids")),
+                       targets=int((np.asarray(batch["loss_mask"]) != 0).sum()))
+
+
+def step_flops(text_cfg, counts: TokenCounts, *, mode: str, remat: str = "none", vision: float = 0.0
+               ) -> dict[str, float]:
+    """Returns {"model", "hardware"} FLOPs of one step over ``counts`` (see the conventions above).
+
+    ``mode``: "sft" / "dpo_no_ref" (forward + backward), "dpo_frozen_ref" (plus a forward-only reference pass),
+    "forward" (evaluation). ``remat``: the decoder's remat policy (`REMAT_RECOMPUTE`); ``vision``: the vision
+    tower's FLOPs of the step (`vision_flops`), added to both."""
+    if mode not in FLOPS_MODES:
+        raise ValueError(f"unknown FLOPs mode {mode!r}; expected one of {', '.join(FLOPS_MODES)}")
+    if remat not in REMAT_RECOMPUTE:
+        raise ValueError(f"remat policy {remat!r} has no recompute entry in metrics.REMAT_RECOMPUTE "
+                         f"({', '.join(REMAT_RECOMPUTE)})")
+    per_pair = 4 * text_cfg.num_attention_heads * text_cfg.head_dim * text_cfg.num_hidden_layers  # q.k + p.v
+    weights = 2.0 * decoder_matmul_params(text_cfg) * counts.tokens
+    attention = float(per_pair * counts.attention_pairs)
+    head = 2.0 * text_cfg.hidden_size * text_cfg.vocab_size * counts.targets
+    forward = weights + attention + head
     if mode == "forward":
-        return fwd
-    raise ValueError(f"unknown FLOPs mode {mode!r}; expected one of {', '.join(FLOPS_MODES)}")
+        return {"model": forward + vision, "hardware": forward + vision}
+    model = 3.0 * forward + (forward if mode == "dpo_frozen_ref" else 0.0) + vision
+    share_weights, share_attention = REMAT_RECOMPUTE[remat]
+    recompute = share_weights * weights + share_attention * attention + head
+    return {"model": model, "hardware": model + recompute}
+
+
+def flops_per_token(text_cfg, *, seq_len: int, mode: str, target_fraction: float = 1.0, remat: str = "none",
+                    hardware: bool = False) -> float:
+    """Returns the text model's FLOPs per token of one step on causal sequences of ``seq_len`` tokens, with the LM
+    head on ``target_fraction`` of them (`step_flops`; model FLOPs, or hardware FLOPs with ``hardware``)."""
+    counts = sequence_counts(seq_len, round(seq_len * target_fraction))
+    return step_flops(text_cfg, counts, mode=mode, remat=remat)["hardware" if hardware else "model"] / seq_len
+
+
+def vision_flops(model_cfg, batch: Mapping[str, Any], images, *, trained: bool = False) -> float:
+    """Returns the vision tower's FLOPs on a host batch's real images (pixel_values [..., P, ...] padded to a
+    bucket, image_token_index [..., F] or [..., 2, F] of which the valid entries are the real features): real units
+    = features x P / ``images.num_features(P)`` per shard, at the family's ``vision_flops_per_unit`` for images of
+    (real units / rows holding image tokens) units each. 0 without images."""
+    from ..models.families import family_of
+
+    if "pixel_values" not in batch or "image_token_index" not in batch:
+        return 0.0
+    ids = np.asarray(batch["input_ids"])
+    index = np.asarray(batch["image_token_index"])
+    pixels = np.asarray(batch["pixel_values"])
+    stacked = ids.ndim == 3  # [S, rows, L] or [rows, L]
+    shards = [(ids[s], index[s], pixels.shape[1]) for s in range(ids.shape[0])] if stacked else \
+        [(ids, index, pixels.shape[0])]
+    per_unit = family_of(model_cfg).config().vision_flops_per_unit
+    total = 0.0
+    for shard_ids, shard_index, bucket in shards:
+        flat = shard_index[0] if shard_index.ndim == 2 else shard_index  # DPO [2, F]: one copy
+        valid = flat[flat < shard_ids.size]
+        units = valid.size * bucket / max(images.num_features(bucket), 1)
+        if units == 0:
+            continue
+        rows_with_images = max(np.unique(valid // shard_ids.shape[1]).size, 1)
+        total += units * per_unit(model_cfg, trained=trained, units_per_image=max(int(units // rows_with_images), 1))
+    return total
 
 
 # Dense bf16 peak FLOP/s per chip, keyed by substrings of ``jax.devices()[0].device_kind`` (longest match wins).
@@ -533,9 +649,15 @@ def peak_flops_per_device(configured: float | None = None, *, device_kind: str |
 def mfu(tokens_per_s: float, flops_per_token: float, num_devices: int,
         peak_per_device: float | None) -> float | None:
     """Returns achieved FLOP/s over the devices' peak (a fraction), or None when the peak is unknown."""
-    if peak_per_device is None or peak_per_device <= 0 or num_devices <= 0:
+    return utilisation(tokens_per_s * flops_per_token, 1.0, num_devices, peak_per_device)
+
+
+def utilisation(flops: float, seconds: float, num_devices: int, peak_per_device: float | None) -> float | None:
+    """Returns ``flops`` done in ``seconds`` over the devices' peak (a fraction: MFU for model FLOPs, HFU for
+    hardware FLOPs), or None when the peak is unknown."""
+    if peak_per_device is None or peak_per_device <= 0 or num_devices <= 0 or seconds <= 0:
         return None
-    value = tokens_per_s * flops_per_token / (num_devices * peak_per_device)
+    value = flops / seconds / (num_devices * peak_per_device)
     return value if math.isfinite(value) else None
 
 

@@ -144,6 +144,14 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None, *,
     need(c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r}: one of {', '.join(DTYPES)}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype={c.model.param_dtype!r}: one of {', '.join(DTYPES)}")
     need(c.model.remat in REMAT_POLICIES, f"model.remat={c.model.remat!r}: one of {', '.join(REMAT_POLICIES)}")
+    need(c.model.frozen_dtype in ("compute", "param"), f"model.frozen_dtype={c.model.frozen_dtype!r}: 'compute' or "
+         "'param'")
+    need(c.optimizer.mu_dtype in ("float32", "bfloat16"), f"optimizer.mu_dtype={c.optimizer.mu_dtype!r}: 'float32' "
+         "or 'bfloat16'")
+    need(c.train.lm_head_dtype in ("compute", "float32"), f"train.lm_head_dtype={c.train.lm_head_dtype!r}: "
+         "'compute' (model.dtype operands, fp32 accumulation) or 'float32'")
+    need(0 <= c.train.gpu_memory_fraction <= 1, f"train.gpu_memory_fraction={c.train.gpu_memory_fraction}: in "
+         "(0, 1], or 0 for JAX's default")
     need(not (c.model.checkpoint and c.model.init_from),
          "model.checkpoint and model.init_from are both set: give one source of initial weights")
     for name in ("checkpoint", "init_from"):
@@ -311,7 +319,8 @@ def step_options(c: ml_collections.ConfigDict):
         mode=c.mode, loss_type=c.dpo.loss_type, beta=c.dpo.beta, label_smoothing=c.dpo.label_smoothing,
         sft_weight=c.dpo.sft_weight, reference=c.dpo.reference if c.mode == "dpo" else "none",
         share_image_features=not c.model.train_vision and not c.model.train_projector,
-        vocab_chunk=c.train.vocab_chunk, seq_chunk=c.train.seq_chunk)
+        vocab_chunk=c.train.vocab_chunk, seq_chunk=c.train.seq_chunk,
+        lm_head_dtype=c.model.dtype if c.train.lm_head_dtype == "compute" else c.train.lm_head_dtype)
 
 
 def initial_model_config(c: ml_collections.ConfigDict):

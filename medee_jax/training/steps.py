@@ -1,6 +1,7 @@
 """Pure SFT and DPO train steps over a split model.
 
-The model is split once (``nnx.split``) into a graph definition and pure dicts of parameters:
+The model is split once (``nnx.split``, `state.split_model`) into a graph definition and pure dicts of parameters,
+held by a `state.TrainState`:
   * ``params``  the trainable parameters (the language model and LM head by default) — updated by the optimizer;
   * ``frozen``  the rest (the family's vision tower and projector by default) — never updated;
   * ``ref``     the DPO reference's parameters (a frozen copy of what the policy trains, in compute dtype), or None.
@@ -41,6 +42,9 @@ class StepOptions:
     share_image_features: bool = True  # vision frozen: encode images once for policy and reference
     vocab_chunk: int = losses.DEFAULT_VOCAB_CHUNK
     seq_chunk: int = losses.DEFAULT_SEQ_CHUNK
+    # The LM head's matmul operand dtype (``train.lm_head_dtype``): "bfloat16" runs it on bf16 operands with fp32
+    # accumulation; None: the operands' own dtype (fp32 master weights make it an fp32 matmul).
+    lm_head_dtype: str | None = None
 
 
 def trainable_filter(family, train_vision: bool, train_projector: bool):
@@ -73,9 +77,14 @@ def decay_mask(params: dict) -> dict:
 
 
 def make_optimizer(lr_schedule, *, weight_decay: float, b1: float, b2: float, eps: float,
-                   params: dict) -> optax.GradientTransformation:
-    """Returns AdamW (no decay on norms/biases). Global-norm clipping runs before it, in ``clip_gradients``."""
-    return optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params))
+                   params: dict, mu_dtype=None) -> optax.GradientTransformation:
+    """Returns AdamW (no decay on norms/biases). Global-norm clipping runs before it, in ``clip_gradients``.
+
+    ``mu_dtype``: the first moment's dtype (None: the parameters'). bfloat16 saves 2 bytes per trainable parameter;
+    the second moment stays in the parameters' dtype: its update adds (1 - b2) = 0.001 of g² per step, under
+    bfloat16's relative resolution (2^-8), so a bf16 ``nu`` would round most updates away and stop tracking g²."""
+    return optax.adamw(lr_schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params),
+                       mu_dtype=mu_dtype)
 
 
 def init_optimizer_state(optimizer: optax.GradientTransformation, params: dict, replicated):
@@ -99,41 +108,44 @@ def warmup_cosine(lr: float, total_steps: int, warmup_ratio: float, final_ratio:
 # Forward pieces (one data shard: arrays without the leading S axis).
 
 
-def _image_features(model, shard):
+def image_features(model, shard):
+    """Returns the image features [F, D] of one data shard's images (None for a text-only batch)."""
     if "pixel_values" not in shard:
         return None
     return model.encode_images(shard["pixel_values"], **shard["vision"])
 
 
-def _hidden(model, shard, features):
+def decoder_hidden(model, shard, features):
+    """Returns the final hidden states [B, L, D] of one data shard's rows, image features scattered in."""
     embeds = model.embed(shard["input_ids"], features, shard.get("image_token_index"))
     return model.hidden_states(embeds, shard["position_ids"], shard["attention_mask"], shard.get("segment_ids"),
                                shard.get("branch_ids"))
 
 
-def _target_hidden(model, shard, features):
+def target_hidden(model, shard, features):
     """Returns the final hidden states at each sequence's training targets [S, T, D] (``target_row`` and
     ``target_index``, see training/batches.py): the LM head then runs on T places per sequence instead of L."""
-    hidden = _hidden(model, shard, features)  # [B, L, D]
+    hidden = decoder_hidden(model, shard, features)  # [B, L, D]
     b, length, d = hidden.shape
     flat = shard["target_row"] * length + shard["target_index"]  # [S, T]
     return jnp.take(hidden.reshape(b * length, d), flat, axis=0)  # [S, T, D]
 
 
-def _sequence_logps(model, shard, features, opts: StepOptions):
-    hidden = _target_hidden(model, shard, features)  # [S, T, D]
+def sequence_logps(model, shard, features, opts: StepOptions):
+    """Returns each sequence's summed target log-probs [S] (the chunked LM head on its target positions only)."""
+    hidden = target_hidden(model, shard, features)  # [S, T, D]
     return losses.chunked_sequence_logps(hidden, model.lm_head_kernel(), shard["target_labels"],
                                          shard["target_mask"], vocab_chunk=opts.vocab_chunk,
-                                         seq_chunk=opts.seq_chunk)  # [S]
+                                         seq_chunk=opts.seq_chunk, matmul_dtype=opts.lm_head_dtype)  # [S]
 
 
 def sft_sums(model, batch, opts: StepOptions):
     """Returns (Σ token NLL, Σ target tokens) over all shards of a stacked SFT batch."""
     def one(shard):
-        hidden = _target_hidden(model, shard, _image_features(model, shard))  # [S, T, D]
+        hidden = target_hidden(model, shard, image_features(model, shard))  # [S, T, D]
         return losses.chunked_sft_loss_sum_count(hidden, model.lm_head_kernel(), shard["target_labels"],
                                                  shard["target_mask"], vocab_chunk=opts.vocab_chunk,
-                                                 seq_chunk=opts.seq_chunk)
+                                                 seq_chunk=opts.seq_chunk, matmul_dtype=opts.lm_head_dtype)
     total, count = jax.vmap(one)(batch)
     return total.sum(), count.sum()
 
@@ -141,11 +153,11 @@ def sft_sums(model, batch, opts: StepOptions):
 def dpo_logps(model, ref_model, batch, opts: StepOptions):
     """Returns {policy, reference} summed completion log-probs [S, 2n] and completion lengths [S, 2n]."""
     def one(shard):
-        features = _image_features(model, shard)
-        policy = _sequence_logps(model, shard, features, opts)
+        features = image_features(model, shard)
+        policy = sequence_logps(model, shard, features, opts)
         if opts.reference == "frozen":
-            ref_features = features if opts.share_image_features else _image_features(ref_model, shard)
-            reference = jax.lax.stop_gradient(_sequence_logps(ref_model, shard, ref_features, opts))
+            ref_features = features if opts.share_image_features else image_features(ref_model, shard)
+            reference = jax.lax.stop_gradient(sequence_logps(ref_model, shard, ref_features, opts))
         elif opts.reference == "precomputed":
             reference = shard["ref_logps"].astype(jnp.float32)
         else:
@@ -182,14 +194,14 @@ DPO_METRICS = ("loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "re
                "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+def accumulate_first(graphdef, state, batch: dict, norms: dict, opts: StepOptions) -> dict:
     """Returns the accumulator of a step's first stacked micro-batch: fp32 gradients, loss share, metric sums (what
     ``accumulate`` would give from a zero accumulator, without allocating and adding a zero gradient tree).
 
     ``norms`` are the global counts of the whole optimizer step: {"tokens"} for SFT, {"pairs", "chosen_tokens"}
     for DPO. Each micro-batch's loss is its sum over those counts, so the shares add up to the exact global mean.
     """
-    frozen, ref = state["frozen"], state.get("ref")
+    frozen, ref = state.frozen, state.ref
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, frozen)
@@ -199,7 +211,7 @@ def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: Step
         ref_model = nnx.merge(graphdef, ref, frozen) if ref is not None else None
         return dpo_sums_and_loss(model, ref_model, batch, norms, opts)
 
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     names = () if opts.mode == "sft" else DPO_METRICS
     return {"grads": jax.tree.map(lambda g: g.astype(jnp.float32), grads),
             "loss": loss.astype(jnp.float32),
@@ -207,7 +219,7 @@ def accumulate_first(graphdef, state: dict, batch: dict, norms: dict, opts: Step
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
 
 
-def accumulate(graphdef, acc: dict, state: dict, batch: dict, norms: dict, opts: StepOptions) -> dict:
+def accumulate(graphdef, acc: dict, state, batch: dict, norms: dict, opts: StepOptions) -> dict:
     """Returns ``acc`` plus the gradients, loss share and metric sums of one more stacked micro-batch."""
     return jax.tree.map(jnp.add, acc, accumulate_first(graphdef, state, batch, norms, opts))
 
@@ -226,9 +238,9 @@ def clip_gradients(max_grad_norm: float, acc: dict) -> dict:
     return {**acc, "grads": grads, "grad_norm": grad_norm, "finite": finite}
 
 
-def apply(optimizer: optax.GradientTransformation, lr_schedule, state: dict, acc: dict) -> tuple[dict, dict]:
-    """Returns (new state, metrics): the AdamW update from clipped gradients (``clip_gradients``' output), skipped
-    when they were not finite."""
+def apply(optimizer: optax.GradientTransformation, lr_schedule, state, acc: dict) -> tuple[Any, dict]:
+    """Returns (new `state.TrainState`, metrics): the AdamW update from clipped gradients (``clip_gradients``'
+    output), skipped when they were not finite."""
     grads, loss, finite = acc["grads"], acc["loss"], acc["finite"]
 
     def update(operand):
@@ -238,14 +250,11 @@ def apply(optimizer: optax.GradientTransformation, lr_schedule, state: dict, acc
 
     # A branch, not a select of new against old values: selecting would keep both AdamW moment trees alive at once
     # (two parameter-sized temporaries); the branch updates the donated buffers in place.
-    new_params, new_opt = jax.lax.cond(finite, update, lambda operand: operand, (state["params"], state["opt_state"]))
-    new_state = dict(state)
-    new_state["params"] = new_params
-    new_state["opt_state"] = new_opt
-    new_state["step"] = state["step"] + 1
-    new_state["nonfinite_in_a_row"] = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
-    new_state["nonfinite_total"] = state["nonfinite_total"] + jnp.where(finite, 0, 1)
-    metrics = {"loss": loss, "grad_norm": acc["grad_norm"], "lr": lr_schedule(state["step"]),
+    new_params, new_opt = jax.lax.cond(finite, update, lambda operand: operand, (state.params, state.opt_state))
+    new_state = state.replace(params=new_params, opt_state=new_opt, step=state.step + 1,
+                              nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+                              nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
+    metrics = {"loss": loss, "grad_norm": acc["grad_norm"], "lr": lr_schedule(state.step),
                "tokens": acc["tokens"], "skipped": 1.0 - finite.astype(jnp.float32)}
     for name, (total, count) in acc["sums"].items():
         metrics[name] = total / jnp.maximum(count, 1.0)
@@ -262,7 +271,7 @@ class StepFunctions(NamedTuple):
     clip: Any
     update: Any
 
-    def apply(self, state: dict, acc: dict) -> tuple[dict, dict]:
+    def apply(self, state, acc: dict) -> tuple[Any, dict]:
         return self.update(state, self.clip(acc))
 
 

@@ -139,7 +139,8 @@ def check_image_routing(batch, rows, s):
     pixels, index = batch["pixel_values"], batch["image_token_index"]
     p, length = pixels.shape[0], batch["input_ids"].shape[1]
     assert p in s.patch_buckets and index.shape == (p // 4,)
-    assert set(batch["vision"]) == {"rot_pos", "window_index", "reverse_index", "window_segments", "image_segments"}
+    assert set(batch["vision"]) == {"rot_pos", "window_index", "reverse_index", "window_gather",
+                                    "window_block_segments", "window_scatter", "image_segments"}
     flat_seg = batch["segment_ids"].reshape(-1)
     flat_ids = batch["input_ids"].reshape(-1)
     valid = index < batch["input_ids"].size

@@ -24,7 +24,9 @@ SFT batch, B rows of length L (L from `length_buckets`):
                                       images.unit_multiple). Qwen2.5-VL: patches [P, 1176]; InternVL: tiles
                                       [P, 3, S, S]
   vision           dict of the family's layout arrays (`images.layout(info, pad_to=P)`): Qwen2.5-VL rot_pos
-                   [P, 2], window_index [P/4], reverse_index [P/4], window_segments [P], image_segments [P] (int32);
+                   [P, 2], window_index [P/4], reverse_index [P/4], window_gather [NB, W], window_block_segments
+                   [NB, W], window_scatter [P], image_segments [P] (int32; NB window blocks of W patches, NB set by
+                   P);
                    InternVL none (an empty dict)
   image_token_index [F]      int32    flat index into [B * L] of the image token each feature row fills
                                       (F = images.num_features(P): P/4 for Qwen2.5-VL, 256·P for InternVL3);

@@ -12,12 +12,23 @@ Device entry points (shape-static, host-computed arrays):
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from .decoder import Qwen2Decoder
 from .layers import param
+
+
+def vision_attention_implementation(implementation: str) -> str:
+    """Returns the ``attention.attention`` implementation a vision tower runs for ``implementation``: "auto" on a TPU
+    backend becomes "blockwise" (splash needs the mesh the training step is compiled for, which a tower does not
+    see, and a Pallas kernel cannot be partitioned by the compiler), anything else is returned as it is ("auto"
+    elsewhere: reference for short sequences on CPU, blockwise for long ones; cudnn on GPU where it applies)."""
+    if implementation == "auto" and jax.default_backend() == "tpu":
+        return "blockwise"
+    return implementation
 
 
 class VisionLanguageModel(nnx.Module):

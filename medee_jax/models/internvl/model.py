@@ -5,9 +5,9 @@ Qwen2 decoder (``vlm.VisionLanguageModel``).
 encoded on its own (a CLS token + S/14 x S/14 patch tokens with absolute position embeddings, bicubically
 interpolated when the tile's patch grid differs from the checkpoint's), the CLS token is dropped, k x k neighbouring
 patches are concatenated (pixel shuffle, k = 1/downsample_ratio) and projected to the LLM width. As in
-transformers, vision attention runs over each tile without masks (padding tiles are encoded too, and their
-features dropped by the scatter). Softmax is computed in fp32 (transformers' eager InternViT keeps the input
-dtype; identical in fp32).
+transformers, vision attention runs over each tile without masks (``attention.attention`` with the tiles as its
+batch; padding tiles are encoded too, and their features dropped by the scatter). Softmax is computed in fp32
+(transformers' eager InternViT keeps the input dtype; identical in fp32).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..layers import dot_product_attention, layer_norm, linear, maybe_remat, param, rms_norm
-from ..vlm import VisionLanguageModel, check_token_batch, scatter_index
+from ..attention import attention
+from ..layers import layer_norm, linear, maybe_remat, param, rms_norm
+from ..vlm import VisionLanguageModel, check_token_batch, scatter_index, vision_attention_implementation
 from .config import InternVisionConfig, InternVLConfig
 from .host import text_position_ids
 
@@ -97,16 +98,19 @@ def _norm(x, p: dict, name: str, cfg: InternVisionConfig):
     return rms_norm(x, p[name], cfg.layer_norm_eps)
 
 
-def vision_layer(p: dict, x, cfg: InternVisionConfig):
-    """Returns one InternViT layer applied to tiles x [T, N+1, D]: x + λ1·attn(norm1(x)), then + λ2·mlp(norm2)."""
+def vision_layer(p: dict, x, cfg: InternVisionConfig, implementation: str = "auto"):
+    """Returns one InternViT layer applied to tiles x [T, N+1, D]: x + λ1·attn(norm1(x)), then + λ2·mlp(norm2).
+    Attention runs over each tile without a mask, the tiles as a batch (``implementation``: ``attention.attention``'s).
+    """
     t, n, d = x.shape
     h = _norm(x, p, "norm1", cfg)
     q, k, v = (linear(h, p[f"{c}_kernel"], p.get(f"{c}_bias")) for c in "qkv")  # [T, N+1, D]
     if cfg.use_qk_norm:  # RMSNorm over the full width, before the head split
         q, k = rms_norm(q, p["q_norm"], QK_NORM_EPS), rms_norm(k, p["k_norm"], QK_NORM_EPS)
     heads = (t, n, cfg.num_attention_heads, cfg.head_dim)
-    everywhere = jnp.ones((1, 1, 1), bool)  # no mask: every token of a tile sees every token of its tile
-    attn = dot_product_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), everywhere).reshape(t, n, d)
+    # No mask: every token of a tile sees every token of its tile.
+    attn = attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), causal=False,
+                     implementation=implementation).reshape(t, n, d)
     x = x + p["lambda_1"].astype(x.dtype) * linear(attn, p["proj_kernel"], p["proj_bias"])
     h = _norm(x, p, "norm2", cfg)
     h = linear(jax.nn.gelu(linear(h, p["fc1_kernel"], p["fc1_bias"]), approximate=False), p["fc2_kernel"],
@@ -146,10 +150,11 @@ class VisionTower(nnx.Module):
     position embeddings, stacked layers (no final norm: InternVL3 takes the last layer's output)."""
 
     def __init__(self, cfg: InternVisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 rngs: nnx.Rngs | None):
+                 attention_implementation: str = "auto", rngs: nnx.Rngs | None):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.attention_implementation = attention_implementation  # see attention.attention and vlm
         init = "zeros" if rngs is None else "normal"
         d = cfg.hidden_size
         self.patch_kernel = param(rngs, (cfg.patch_dim, d), ("vision_patch", "vision_embed"), param_dtype, init)
@@ -171,9 +176,11 @@ class VisionTower(nnx.Module):
                              precision=jax.lax.Precision.HIGHEST)
         return jnp.concatenate([pos[:1], resized.reshape(gh * gw, -1)], axis=0)
 
-    def __call__(self, pixel_values):
-        """Returns patch features [T, gh, gw, D] (CLS dropped) for tiles pixel_values [T, C, H, W]."""
+    def __call__(self, pixel_values, *, implementation: str | None = None):
+        """Returns patch features [T, gh, gw, D] (CLS dropped) for tiles pixel_values [T, C, H, W] (``implementation``
+        overrides ``attention_implementation``)."""
         cfg = self.cfg
+        impl = vision_attention_implementation(implementation or self.attention_implementation)
         t, c, height, width = pixel_values.shape
         ps = cfg.patch_size
         gh, gw = height // ps, width // ps
@@ -183,12 +190,12 @@ class VisionTower(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype)[None], (t, 1, cfg.hidden_size))
         x = jnp.concatenate([cls, x], axis=1)  # [T, N+1, D]
         x = (x + self.position_table(gh, gw).astype(self.dtype)[None]).astype(self.dtype)
-        layer_params = jax.tree.map(lambda a: a.astype(self.dtype), self.layers.stacked())
 
         def body(h, p):
-            return vision_layer(p, h, cfg), None
+            p = jax.tree.map(lambda a: a.astype(self.dtype), p)  # per layer: no cast copy of the whole stack
+            return vision_layer(p, h, cfg, impl), None
 
-        x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, layer_params)
+        x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, self.layers.stacked())
         return x[:, 1:].reshape(t, gh, gw, cfg.hidden_size)
 
 
@@ -215,9 +222,10 @@ class InternVL(VisionLanguageModel):
         self.projector = Projector(cfg, param_dtype=param_dtype, rngs=rngs)
         self._init_language_model(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
 
-    def encode_images(self, pixel_values):
-        """Returns image features [T * tokens_per_tile, D] for tiles [T, 3, S, S] (tile by tile, in order)."""
-        patches = self.vision_tower(pixel_values)  # [T, gh, gw, Dv]
+    def encode_images(self, pixel_values, *, implementation: str | None = None):
+        """Returns image features [T * tokens_per_tile, D] for tiles [T, 3, S, S] (tile by tile, in order;
+        ``implementation``: the vision attention's, default the tower's ``attention_implementation``)."""
+        patches = self.vision_tower(pixel_values, implementation=implementation)  # [T, gh, gw, Dv]
         if patches.shape[1] != patches.shape[2]:
             raise ValueError(f"tiles must be square, got a {patches.shape[1]} x {patches.shape[2]} patch grid")
         shuffled = pixel_shuffle(patches, self.config.shuffle)  # [T, tokens, k*k*Dv]

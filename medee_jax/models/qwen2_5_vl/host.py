@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import VisionConfig
-from .vision_layout import vision_layout
+from .vision_layout import extend_window_blocks, vision_layout
 
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_BOUNDARY_TOKENS = ("<|vision_start|>", "<|vision_end|>")
@@ -192,7 +192,7 @@ class QwenImageInputs:
 
     def extend_layout(self, vision: dict, units: int) -> dict:
         """Returns layout arrays padded from P0 to ``units`` patches with isolated padding cells."""
-        p0 = vision["window_segments"].shape[0]
+        p0 = vision["image_segments"].shape[0]
         if p0 == units:
             return vision
         unit = self.vision.merge_unit
@@ -201,8 +201,7 @@ class QwenImageInputs:
             "rot_pos": np.concatenate([vision["rot_pos"], np.zeros((units - p0, 2), np.int32)]),
             "window_index": np.concatenate([vision["window_index"], extra]),
             "reverse_index": np.concatenate([vision["reverse_index"], extra]),
-            "window_segments": np.concatenate([vision["window_segments"],
-                                               np.full(units - p0, vision["window_segments"].max() + 1, np.int32)]),
+            **extend_window_blocks(vision, units, self.vision),
             "image_segments": np.concatenate([vision["image_segments"],
                                               np.full(units - p0, vision["image_segments"].max() + 1, np.int32)]),
         }

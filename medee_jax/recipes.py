@@ -55,7 +55,9 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.model.init_from = ""  # a medee_jax workdir or an Orbax dir from tools/convert_checkpoint.py hf2orbax
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    c.model.remat = "full"  # none | full | dots | dots_no_batch
+    # none | full | minimal | save_attention | save_qkv_proj, and <named>_offload (host offload, TPU/GPU): what each
+    # keeps and recomputes is in models/layers.py (REMAT_POLICIES); "dots" and "dots_no_batch" were retired.
+    c.model.remat = "full"
     # Frozen parameters (vision tower and projector unless trained): "compute" stores them in model.dtype (they
     # are cast to it at use anyway and never get gradients: half the bytes of fp32), "param" in model.param_dtype.
     c.model.frozen_dtype = "compute"

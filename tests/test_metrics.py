@@ -298,10 +298,17 @@ def test_step_flops_tiny_config_by_hand():
     assert M.step_flops(TINY, counts, mode="dpo_no_ref") == sft
     ref = M.step_flops(TINY, counts, mode="dpo_frozen_ref")  # + a forward-only reference pass
     assert ref["model"] == 4 * forward and ref["hardware"] == 4 * forward + head
-    full = M.step_flops(TINY, counts, mode="sft", remat="full")  # HFU: the layer's forward again
-    assert full["model"] == 3 * forward and full["hardware"] == 3 * forward + weights + attention + head
-    no_batch = M.step_flops(TINY, counts, mode="sft", remat="dots_no_batch")  # only q.k, p.v recomputed
-    assert no_batch["hardware"] == 3 * forward + attention + head
+    # HFU: the layer's forward again, but for the down projection (16*32 per layer) whose output no backward needs
+    full = M.step_flops(TINY, counts, mode="sft", remat="full")
+    down = 2 * (16 * 32) * 2 * 8  # 2 FLOPs x weights x 2 layers x 8 tokens
+    assert full["model"] == 3 * forward and full["hardware"] == 3 * forward + weights - down + attention + head
+    minimal = M.step_flops(TINY, counts, mode="sft", remat="minimal")  # weight matmuls kept: only q.k, p.v again
+    assert minimal["hardware"] == 3 * forward + attention + head
+    assert M.step_flops(TINY, counts, mode="sft", remat="minimal_offload") == minimal
+    qkv = M.step_flops(TINY, counts, mode="sft", remat="save_qkv_proj")  # o_proj, gate/up and attention again
+    assert qkv["hardware"] == 3 * forward + 2 * 2 * 8 * (16 * 16 + 2 * 16 * 32) + attention + head
+    attn = M.step_flops(TINY, counts, mode="sft", remat="save_attention")  # gate/up and attention again
+    assert attn["hardware"] == 3 * forward + 2 * 2 * 8 * (2 * 16 * 32) + attention + head
     assert M.step_flops(TINY, counts, mode="sft", vision=1000.0)["model"] == 3 * forward + 1000.0
     assert M.step_flops(TINY, counts + counts, mode="sft")["model"] == 2 * 3 * forward
     with pytest.raises(ValueError, match="unknown FLOPs mode"):

@@ -327,7 +327,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps (after compilation and --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the compiling one")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default="none",
+    p.add_argument("--remat", default="none", choices=("none", "full", "minimal", "save_attention", "save_qkv_proj",
+                                                       "minimal_offload", "save_attention_offload",
+                                                       "save_qkv_proj_offload"),
                    help="decoder/vision remat policy (torch: full = gradient checkpointing)")
     p.add_argument("--framework", choices=("jax", "torch"), default="jax")
     p.add_argument("--share-prompt", action="store_true",

@@ -297,7 +297,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=None, help="default 1024 (smoke 16)")
     p.add_argument("--response-len", type=int, default=None, help="default 3072 (smoke 16)")
     p.add_argument("--steps", type=int, default=3, help="timed DPO steps after the compiling one")
-    p.add_argument("--remat", default="full,dots_no_batch", help="comma list of the model's remat policies")
+    p.add_argument("--remat", default="full,minimal", help="comma list of the model's remat policies")
     p.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s (0: the trainer's table)")
     args = p.parse_args(argv)
     defaults = dict(layers=2, pairs=1, prompt_len=16, response_len=16) if args.smoke else \

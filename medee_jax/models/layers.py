@@ -104,18 +104,69 @@ def dot_product_attention(q, k, v, allowed):
     return out.reshape(b, hkv, groups, lq, dh).transpose(0, 3, 1, 2, 4).reshape(b, lq, hq, dh)
 
 
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute elementwise work
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+# Names the decoder layer gives its intermediate tensors (``jax.ad_checkpoint.checkpoint_name``, see
+# models/decoder.py) so remat policies can choose what to keep for the backward pass:
+#   q_proj, k_proj, v_proj  the q/k/v projection outputs [B, L, H*Dh] (before rotary)
+#   attention               the attention output [B, L, Hq, Dh] (before o_proj)
+#   attention_out           the o_proj output [B, L, D]
+#   mlp_in                  the MLP's gate and up projection outputs [B, L, I] (two tensors)
+#   mlp_out                 the MLP's down projection output [B, L, D]
+REMAT_NAMES = ("q_proj", "k_proj", "v_proj", "attention", "attention_out", "mlp_in", "mlp_out")
+
+# Named tensors each policy keeps (besides every layer's input, the scan carry, which is always kept; never the
+# decoder's per-layer weight casts, "layer_weights", which would stack into a compute-dtype copy of the stack).
+_SAVED_NAMES = {
+    "minimal": ("q_proj", "k_proj", "v_proj", "attention_out", "mlp_in"),
+    "save_attention": ("q_proj", "k_proj", "v_proj", "attention", "attention_out"),
+    "save_qkv_proj": ("q_proj", "k_proj", "v_proj"),
 }
+
+# Remat policies of the decoder layer (and the vision towers' blocks, which name nothing: there every policy but
+# "none" recomputes the whole block). In every policy but "none" the attention's forward runs again in the backward
+# pass: its own residuals (probabilities, or the online softmax's log-sum-exp) are never kept, which keeps activation
+# memory O(L) whatever the attention implementation. What each keeps, and what the backward pass recomputes
+# (training/metrics.REMAT_RECOMPUTE counts the recomputed matmuls for HFU):
+#   none            every activation kept; nothing recomputed.
+#   full            only each layer's input kept; the layer's forward runs again (the down projection excepted:
+#                   its output is never needed by the backward pass).
+#   minimal         the outputs of the weight matmuls the backward pass needs (q/k/v, o_proj, MLP gate/up): only
+#                   norms, rotary, SwiGLU's elementwise work and the attention are recomputed. The successor of
+#                   "dots_no_batch"; the most memory of the named policies.
+#   save_attention  the attention half of the layer (q/k/v, the attention output, o_proj's output); the MLP's
+#                   gate/up projections and the attention are recomputed.
+#   save_qkv_proj   the q/k/v projections only; o_proj, the MLP's gate/up and the attention are recomputed.
+#   <policy>_offload (minimal, save_attention, save_qkv_proj) the same tensors, moved to pinned host memory after
+#                   the forward and back for the backward pass (jax.checkpoint_policies
+#                   .save_and_offload_only_these_names): device memory of "full" with the recompute of <policy>, on
+#                   platforms whose compiler supports host offload (TPU, GPU); elsewhere compiling fails with
+#                   XLA's error.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    **{name: jax.checkpoint_policies.save_only_these_names(*saved) for name, saved in _SAVED_NAMES.items()},
+    **{f"{name}_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(saved), offload_src="device",
+        offload_dst="pinned_host") for name, saved in _SAVED_NAMES.items()},
+}
+
+# Retired policies -> what replaces them. "dots" kept every matmul output, the [B, H, L, L] attention scores included.
+RETIRED_REMAT_POLICIES = {
+    "dots": "minimal (the weight matmuls' outputs; the O(L^2) attention scores are no longer kept) or save_attention",
+    "dots_no_batch": "minimal (the same tensors, kept by name)",
+}
+
+
+def check_remat_policy(policy: str) -> None:
+    """Raises ValueError naming the valid policies (and the replacement of a retired one) for an unknown policy."""
+    if policy in RETIRED_REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} was retired; use {RETIRED_REMAT_POLICIES[policy]}")
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
 
 
 def maybe_remat(fn, policy: str):
     """Returns ``fn`` wrapped in ``jax.checkpoint`` with the named policy (see REMAT_POLICIES), or ``fn`` for "none"."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+    check_remat_policy(policy)
     if policy == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)

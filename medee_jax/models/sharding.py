@@ -91,3 +91,28 @@ def sharding_for(param: nnx.Variable, mesh: Mesh | None, rules: Rules | None = N
     shape = np.shape(param.get_value())
     spec = PartitionSpec() if axes is None else logical_to_mesh(axes, shape, mesh, rules)
     return NamedSharding(mesh, spec)
+
+
+def context_mesh(mesh=None):
+    """Returns ``mesh``, else the mesh set by ``jax.set_mesh`` around the trace (the train step's, see
+    `training.steps.jit_step`), else None (one device, no mesh)."""
+    if mesh is not None:
+        return mesh
+    abstract = jax.sharding.get_abstract_mesh()
+    return None if abstract.empty else abstract
+
+
+def constrain_residual(x, mesh=None):
+    """Returns the residual stream x [B, L, D] constrained to be whole along L and D on every device (split only
+    along the batch: its first axis is left to the batch's sharding, data x fsdp, and inside the train step's vmap
+    over data shards the shard axis carries it). At every decoder layer boundary this pins the activations' layout,
+    so GSPMD gathers each layer's weights inside the layer scan instead of choosing a layout that gathers whole
+    activation batches or whole stacked parameters. No-op without a mesh (``mesh`` or the context's) of more than
+    one device."""
+    mesh = context_mesh(mesh)
+    if mesh is None or mesh.size <= 1:
+        return x
+    spec = PartitionSpec(PartitionSpec.UNCONSTRAINED, *([None] * (x.ndim - 1)))
+    if isinstance(mesh, Mesh):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -474,23 +474,32 @@ def drop_records_after(path: str, step: int) -> int:
 
 FLOPS_MODES = ("sft", "dpo_frozen_ref", "dpo_no_ref", "forward")
 
-# Remat policy (models/layers.REMAT_POLICIES) -> (share of a decoder layer's weight-matmul forward, share of its
-# attention-matmul forward) recomputed in the backward pass.
-REMAT_RECOMPUTE: dict[str, tuple[float, float]] = {
-    "none": (0.0, 0.0),  # every activation kept
-    "full": (1.0, 1.0),  # the whole layer recomputed
-    "dots": (0.0, 0.0),  # matmul outputs kept, elementwise work recomputed (not counted: matmuls only)
-    "dots_no_batch": (0.0, 1.0),  # weight matmuls kept; the batched attention matmuls (q.k, p.v) recomputed
+# Remat policy (models/layers.REMAT_POLICIES, where each is defined) -> the matmuls of a decoder layer whose forward
+# the backward pass runs again: "qkv" (q/k/v projections), "o" (o_proj), "mlp_in" (gate and up projections; the
+# down projection's output is never needed by the backward pass, so no policy recomputes it), "attention" (q.k and
+# p.v: every policy but "none" reruns the attention, whose probabilities / log-sum-exp are never kept). The offload
+# variants keep (on the host) what their base policy keeps, and recompute the same.
+REMAT_RECOMPUTE: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "full": frozenset({"qkv", "o", "mlp_in", "attention"}),
+    "minimal": frozenset({"attention"}),
+    "save_attention": frozenset({"mlp_in", "attention"}),
+    "save_qkv_proj": frozenset({"o", "mlp_in", "attention"}),
 }
+REMAT_RECOMPUTE.update({f"{name}_offload": REMAT_RECOMPUTE[name]
+                        for name in ("minimal", "save_attention", "save_qkv_proj")})
+
+
+def layer_matmul_params(text_cfg) -> dict[str, int]:
+    """Returns one decoder layer's matmul weights by family: "qkv", "o", "mlp_in" (gate, up), "mlp_out" (down)."""
+    d, i, h, kv, dh = (text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_attention_heads,
+                       text_cfg.num_key_value_heads, text_cfg.head_dim)
+    return {"qkv": d * h * dh + 2 * d * kv * dh, "o": h * dh * d, "mlp_in": 2 * d * i, "mlp_out": d * i}
 
 
 def decoder_matmul_params(text_cfg) -> int:
     """Returns the decoder layers' matmul weights one token passes through: q/k/v/o and gate/up/down per layer."""
-    d, i, h, kv, dh = (text_cfg.hidden_size, text_cfg.intermediate_size, text_cfg.num_attention_heads,
-                       text_cfg.num_key_value_heads, text_cfg.head_dim)
-    attention = d * h * dh + 2 * d * kv * dh + h * dh * d  # q, k, v, o
-    mlp = 3 * d * i  # gate, up, down
-    return text_cfg.num_hidden_layers * (attention + mlp)
+    return text_cfg.num_hidden_layers * sum(layer_matmul_params(text_cfg).values())
 
 
 def text_matmul_params(text_cfg) -> int:
@@ -565,8 +574,11 @@ def step_flops(text_cfg, counts: TokenCounts, *, mode: str, remat: str = "none",
     if mode == "forward":
         return {"model": forward + vision, "hardware": forward + vision}
     model = 3.0 * forward + (forward if mode == "dpo_frozen_ref" else 0.0) + vision
-    share_weights, share_attention = REMAT_RECOMPUTE[remat]
-    recompute = share_weights * weights + share_attention * attention + head
+    recomputed = REMAT_RECOMPUTE[remat]
+    per_layer = layer_matmul_params(text_cfg)
+    recompute_weights = 2.0 * text_cfg.num_hidden_layers * counts.tokens * sum(
+        n for family, n in per_layer.items() if family in recomputed)
+    recompute = recompute_weights + (attention if "attention" in recomputed else 0.0) + head
     return {"model": model, "hardware": model + recompute}
 
 

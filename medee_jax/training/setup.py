@@ -22,7 +22,7 @@ from ..data.dataset_info import spec_exists
 from ..data.record_formats import FORMAT_NAMES
 from ..models import config_from_hf_dict, load_config, presets
 from ..models.families import DEFAULT_FAMILY, family_named
-from ..models.layers import REMAT_POLICIES
+from ..models.layers import REMAT_POLICIES, RETIRED_REMAT_POLICIES
 
 log = logging.getLogger("medee_jax.train")
 
@@ -143,7 +143,10 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None, *,
     need(c.mode in ("sft", "dpo"), f"mode={c.mode!r}: must be 'sft' or 'dpo'")
     need(c.model.dtype in DTYPES, f"model.dtype={c.model.dtype!r}: one of {', '.join(DTYPES)}")
     need(c.model.param_dtype in DTYPES, f"model.param_dtype={c.model.param_dtype!r}: one of {', '.join(DTYPES)}")
-    need(c.model.remat in REMAT_POLICIES, f"model.remat={c.model.remat!r}: one of {', '.join(REMAT_POLICIES)}")
+    if c.model.remat in RETIRED_REMAT_POLICIES:
+        need(False, f"model.remat={c.model.remat!r} was retired; use {RETIRED_REMAT_POLICIES[c.model.remat]}")
+    else:
+        need(c.model.remat in REMAT_POLICIES, f"model.remat={c.model.remat!r}: one of {', '.join(REMAT_POLICIES)}")
     need(c.model.frozen_dtype in ("compute", "param"), f"model.frozen_dtype={c.model.frozen_dtype!r}: 'compute' or "
          "'param'")
     need(c.optimizer.mu_dtype in ("float32", "bfloat16"), f"optimizer.mu_dtype={c.optimizer.mu_dtype!r}: 'float32' "

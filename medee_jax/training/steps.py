@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from .. import losses
+from .mesh import BATCH_AXES
 
 PyTree = Any
 
@@ -139,6 +140,16 @@ def sequence_logps(model, shard, features, opts: StepOptions):
                                          seq_chunk=opts.seq_chunk, matmul_dtype=opts.lm_head_dtype)  # [S]
 
 
+def shard_axes() -> tuple[str, ...] | None:
+    """Returns the context mesh's data-shard axes (data, fsdp) for the vmap over a batch's shard axis S, so that the
+    sharding constraints inside (the decoder's residual stream) keep S split over them; None without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return axes or None
+
+
 def sft_sums(model, batch, opts: StepOptions):
     """Returns (Σ token NLL, Σ target tokens) over all shards of a stacked SFT batch."""
     def one(shard):
@@ -146,7 +157,7 @@ def sft_sums(model, batch, opts: StepOptions):
         return losses.chunked_sft_loss_sum_count(hidden, model.lm_head_kernel(), shard["target_labels"],
                                                  shard["target_mask"], vocab_chunk=opts.vocab_chunk,
                                                  seq_chunk=opts.seq_chunk, matmul_dtype=opts.lm_head_dtype)
-    total, count = jax.vmap(one)(batch)
+    total, count = jax.vmap(one, spmd_axis_name=shard_axes())(batch)
     return total.sum(), count.sum()
 
 
@@ -163,7 +174,7 @@ def dpo_logps(model, ref_model, batch, opts: StepOptions):
         else:
             reference = jnp.zeros_like(policy)
         return policy, reference, shard["loss_mask"].sum(-1)
-    return jax.vmap(one)(batch)
+    return jax.vmap(one, spmd_axis_name=shard_axes())(batch)
 
 
 def _split_pairs(x):
@@ -275,12 +286,43 @@ class StepFunctions(NamedTuple):
         return self.update(state, self.clip(acc))
 
 
+class UnderMesh:
+    """A jitted function traced, lowered and run with ``mesh`` as the context mesh (``jax.sharding.use_abstract_mesh``,
+    which also works inside another trace such as ``jax.eval_shape``), so that the
+    decoder's activation sharding constraints (`models.sharding.constrain_residual`) resolve against the mesh the
+    state lives on. Calls like the function; ``lower`` like its ``.lower``."""
+
+    def __init__(self, fn, mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        if self.mesh is None:
+            return self.fn(*args, **kwargs)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        if self.mesh is None:
+            return self.fn.lower(*args, **kwargs)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self.fn.lower(*args, **kwargs)
+
+
+def mesh_of(shardings):
+    """Returns the mesh of the first NamedSharding in a tree of shardings with more than one device, or None."""
+    for s in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)):
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
 def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformation, lr_schedule, state_shardings,
              max_grad_norm: float) -> StepFunctions:
-    """Returns the jitted step pieces (see StepFunctions)."""
+    """Returns the jitted step pieces (see StepFunctions), traced under the state's mesh (`UnderMesh`)."""
+    mesh = mesh_of(state_shardings)
     return StepFunctions(
-        accumulate_first=jax.jit(functools.partial(accumulate_first, graphdef, opts=opts)),
-        accumulate=jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0),
+        accumulate_first=UnderMesh(jax.jit(functools.partial(accumulate_first, graphdef, opts=opts)), mesh),
+        accumulate=UnderMesh(jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0), mesh),
         clip=jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0),
         update=jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
                        out_shardings=(state_shardings, None)),

@@ -159,8 +159,10 @@ def test_retired_remat_policies_name_their_replacement():
 LAYERS = 3
 
 
-def compile_fsdp_step_hlo(mode: str) -> dict[str, str]:
-    """{piece: optimized HLO text} of the trainer's step for a 3-layer tiny model, text-only batches, mesh fsdp=8."""
+def compile_fsdp_step_hlo(mode: str) -> dict:
+    """{"hlo": {piece: optimized HLO text}, "grads_bytes": accumulate_first's output bytes per device,
+    "params_bytes": the trainable parameters' bytes} of the trainer's step for a 3-layer tiny model, text-only
+    batches, mesh fsdp=8."""
     from medee_jax.training import setup
     from medee_jax.training.batches import run_batch_spec
     from medee_jax.training.mesh import make_mesh
@@ -176,7 +178,10 @@ def compile_fsdp_step_hlo(mode: str) -> dict[str, str]:
         c.data.batch_size = 2
     spec = run_batch_spec(c, setup.DataSpec("synthetic", "", "", "", False), cfg)
     compiled = compile_step(c, cfg, make_mesh(dict(c.mesh)), synthetic_batch(c, spec, cfg), spec, with_images=False)
-    return {name: executable.as_text() for name, (executable, _) in compiled.pieces.items()}
+    first = compiled.pieces["accumulate_first"][0].memory_analysis()
+    return {"hlo": {name: executable.as_text() for name, (executable, _) in compiled.pieces.items()},
+            "grads_bytes": first.output_size_in_bytes,
+            "params_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(compiled.state.params))}
 
 
 def all_gathers(hlo: str) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -205,7 +210,10 @@ def test_fsdp_step_gathers_one_layer_at_a_time(mode):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    pieces = json.loads(proc.stdout)
+    result = json.loads(proc.stdout)
+    pieces = result["hlo"]
+    # the accumulated fp32 gradients leave the step sharded like their parameters (1/8 each, norms replicated)
+    assert result["grads_bytes"] < result["params_bytes"] / 4, result
     layer_shapes = {shape for shape, _, _ in decoder_layer_table(
         dataclasses.replace(tiny_config(512).text, num_hidden_layers=LAYERS)).values()}
     in_loop = []

@@ -205,7 +205,7 @@ DPO_METRICS = ("loss/dpo", "loss/sft", "rewards/chosen", "rewards/rejected", "re
                "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
-def accumulate_first(graphdef, state, batch: dict, norms: dict, opts: StepOptions) -> dict:
+def accumulate_first(graphdef, state, batch: dict, norms: dict, opts: StepOptions, grad_shardings=None) -> dict:
     """Returns the accumulator of a step's first stacked micro-batch: fp32 gradients, loss share, metric sums (what
     ``accumulate`` would give from a zero accumulator, without allocating and adding a zero gradient tree).
 
@@ -223,6 +223,8 @@ def accumulate_first(graphdef, state, batch: dict, norms: dict, opts: StepOption
         return dpo_sums_and_loss(model, ref_model, batch, norms, opts)
 
     (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if grad_shardings is not None:  # the parameters' own layout: reduce-scattered, never left whole on every device
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
     names = () if opts.mode == "sft" else DPO_METRICS
     return {"grads": jax.tree.map(lambda g: g.astype(jnp.float32), grads),
             "loss": loss.astype(jnp.float32),
@@ -230,9 +232,9 @@ def accumulate_first(graphdef, state, batch: dict, norms: dict, opts: StepOption
             "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32)}
 
 
-def accumulate(graphdef, acc: dict, state, batch: dict, norms: dict, opts: StepOptions) -> dict:
+def accumulate(graphdef, acc: dict, state, batch: dict, norms: dict, opts: StepOptions, grad_shardings=None) -> dict:
     """Returns ``acc`` plus the gradients, loss share and metric sums of one more stacked micro-batch."""
-    return jax.tree.map(jnp.add, acc, accumulate_first(graphdef, state, batch, norms, opts))
+    return jax.tree.map(jnp.add, acc, accumulate_first(graphdef, state, batch, norms, opts, grad_shardings))
 
 
 def clip_gradients(max_grad_norm: float, acc: dict) -> dict:
@@ -318,11 +320,16 @@ def mesh_of(shardings):
 
 def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformation, lr_schedule, state_shardings,
              max_grad_norm: float) -> StepFunctions:
-    """Returns the jitted step pieces (see StepFunctions), traced under the state's mesh (`UnderMesh`)."""
+    """Returns the jitted step pieces (see StepFunctions), traced under the state's mesh (`UnderMesh`). On a mesh
+    the accumulated gradients take their parameters' shardings (with the decoder's activations pinned to the batch,
+    GSPMD would otherwise leave them whole on every device: measured on 7B DPO, v5p-8, 28.4 instead of 8.6 GiB)."""
     mesh = mesh_of(state_shardings)
+    grads = state_shardings.params if mesh is not None else None
     return StepFunctions(
-        accumulate_first=UnderMesh(jax.jit(functools.partial(accumulate_first, graphdef, opts=opts)), mesh),
-        accumulate=UnderMesh(jax.jit(functools.partial(accumulate, graphdef, opts=opts), donate_argnums=0), mesh),
+        accumulate_first=UnderMesh(jax.jit(functools.partial(accumulate_first, graphdef, opts=opts,
+                                                             grad_shardings=grads)), mesh),
+        accumulate=UnderMesh(jax.jit(functools.partial(accumulate, graphdef, opts=opts, grad_shardings=grads),
+                                     donate_argnums=0), mesh),
         clip=jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0),
         update=jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
                        out_shardings=(state_shardings, None)),

@@ -134,7 +134,7 @@ def test_every_remat_policy_gives_the_gradients_of_no_remat(mode, dpo_and_sft_ba
     leaves = jax.tree.leaves(want["grads"])
     assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
     for policy in REMAT_POLICIES:
-        if policy == "none":
+        if policy == "none" or (mode == "sft" and policy.endswith("_offload")):  # offload: DPO checks it
             continue
         got = step_grads(policy, mode, batch)
         assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6), policy

@@ -2,8 +2,9 @@
 
 With no overrides: the embedded demo's held-out multiple-choice cases (image questions answerable only from the
 image, text questions), the untrained demo model and the Stage-I / Stage-II demo models from the default training
-workdirs (workdir/sft, workdir/dpo; the command that creates a missing one is printed), with the image-blind
-controls. Real runs: ``--config.models=stage2=/path/to/hf_or_workdir --config.benchmarks=medxpertqa:/data/MM/
+workdirs (workdir/sft, workdir/dpo, which ``python -m medee_jax.pipeline --config configs/pipeline.py`` writes; the
+command that creates a missing one is printed), with the image-blind controls. Real runs:
+``--config.models=stage2=/path/to/hf_or_workdir --config.benchmarks=medxpertqa:/data/MM/
 test.jsonl,mmmu:/data/mmmu_validation.jsonl --config.prompt.style=medxpertqa_cot``.
 
 Benchmark formats (``benchmarks``, comma-separated FORMAT:PATH): mc_jsonl, medxpertqa, medqa, medbullets, mmmu,
@@ -43,8 +44,11 @@ def get_config():
     c.blind_controls = True  # also evaluate with blank and with shuffled images
     c.shuffle_seed = 0
     c.model_dtype = "float32"
-    c.min_pixels = 3136
-    c.max_pixels = 224 * 224
+    # Qwen-style image size bounds; 0 = the model's own: a training workdir's data.min_pixels / data.max_pixels
+    # (the demo pipeline's 64 * 64 bound: 56 x 56 images), the embedded demo model's (the same), else the family's
+    # processor defaults.
+    c.min_pixels = 0
+    c.max_pixels = 0
 
     c.demo_instruction = DEMO_INSTRUCTION  # used when benchmarks == "" and prompt.instruction == ""
     return c

@@ -319,8 +319,8 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
         "model.dtype": "float32",  # bf16 matmuls are emulated on CPU: slower than float32
         "model.remat": "none",  # the tiny model's activations are a few MB
         "optimizer.lr": 2e-3,  # a randomly initialised tiny model, not a pretrained one: it needs large steps
-        "data.max_length": 256,  # the demo's reasoning demonstrations are < 200 tokens
-        "data.length_buckets": (128, 256),
+        "data.max_length": 384,  # a demonstration with its chat template is 220-320 tokens: none is cut
+        "data.length_buckets": (128, 384),
         "data.target_buckets": (),
         "data.patch_buckets": (256, 512, 1024),
         "data.max_pixels": 224 * 224,  # the demo's scans are 224 x 224

@@ -103,8 +103,10 @@ def test_openai_judge_through_the_tool(tmp_path):
                 assert KEY.encode() not in f.read(), name
 
 
-def test_rules_judge_and_sample_stage_in_process(tmp_path):
+def test_rules_judge_and_sample_stage_in_process(tmp_path, monkeypatch):
     import importlib.util
+
+    monkeypatch.chdir(tmp_path)  # the default policy (workdir/sft) is relative: not a demo run of the checkout
 
     spec = importlib.util.spec_from_file_location("pairs_config", os.path.join(ROOT, "configs/pairs.py"))
     module = importlib.util.module_from_spec(spec)
@@ -119,7 +121,7 @@ def test_rules_judge_and_sample_stage_in_process(tmp_path):
         return right if k < 2 else "ABCD"[("ABCD".index(right) + 1) % 4]
 
     fake = FakeGenerator(answer_of)
-    with pytest.raises(FileNotFoundError, match="run first: python -m medee_jax.train --config configs/sft.py"):
+    with pytest.raises(FileNotFoundError, match="run first: python -m medee_jax.pipeline --config configs/pipeline.py"):
         run_stages(c, str(tmp_path / "w0"))  # the default policy is the Stage-I demo workdir
     c.model = "embedded"
     summary = run_stages(c, str(tmp_path / "w"), load_generator=lambda spec: fake)

@@ -35,7 +35,7 @@ def test_cli_evaluates_the_embedded_demo_model(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     # the default demo workdirs do not exist here: each is skipped with the command that creates it
     assert "skipping model 'stage1'" in done.stderr and "python -m medee_jax.train --config configs/sft.py" in done.stderr
-    assert "run first: python -m medee_jax.train --config configs/dpo.py" in done.stderr
+    assert "run first: python -m medee_jax.pipeline --config configs/pipeline.py" in done.stderr
     results = json.loads((tmp_path / "out/base/results.json").read_text())
     assert results["items"] == 3 and set(results["conditions"]) == {"standard", "blank", "shuffled"}
     samples = [json.loads(line) for line in (tmp_path / "out/base/samples.jsonl").read_text().splitlines()]
@@ -67,7 +67,7 @@ def test_evaluate_demo_with_injected_generator(tmp_path):
     results = suite.evaluate(c, str(tmp_path), load_generator=load)
     assert set(results) == {"base", "other"}
     assert results["base"]["items"] == 120 and set(results["base"]["conditions"]) == {"standard", "blank", "shuffled"}
-    assert results["base"]["settings"]["instruction"].startswith("Reason step by step inside <think>")
+    assert results["base"]["settings"]["instruction"].startswith("Reason inside <think>")
     assert {"demo_image/location", "demo_text/bmi"} <= set(results["base"]["conditions"]["standard"])
     assert set(results["base"]["blind"]) == {"all", "demo_image", "demo_image/appearance", "demo_image/location",
                                              "demo_image/side_size"}

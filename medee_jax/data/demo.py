@@ -34,44 +34,33 @@ import numpy as np
 from PIL import Image
 
 FIELD_OF_VIEW_CM = 40  # the image width corresponds to 40 cm: pixel spacing = 40 cm / width
-INSTRUCTION = 'Reason step by step inside <think> </think>, then give the final answer as "The answer is X".'
+# The resolution the demo pipeline (configs/pipeline.py) trains, samples and evaluates the tiny model at: images are
+# resized to at most this many pixels: the Qwen2-VL resize rounds the demo's near-square 128-224 px scans down to
+# 56 x 56 (4 x 4 patches, 4 image tokens, one per quadrant). Not 56 * 56 itself: with that bound the rounding gives
+# 28 x 56 for any image that is not exactly square (2 tokens, upper and lower halves merged).
+DEMO_MAX_PIXELS = 64 * 64
+INSTRUCTION = 'Reason inside <think> </think>, then answer "The answer is X".'
 LETTERS = "ABCD"
-FORMAT_VERSION = 1
+# 3: short prompts (the tiny demo model attends to its image tokens among fewer text tokens, and sampling and
+# evaluation are faster); 2: concise chosen answers (no DPO pair cut to data.max_length).
+FORMAT_VERSION = 3
 
 QUADRANTS = ("upper-left", "upper-right", "lower-left", "lower-right")
-SCAN_CONTEXT = f"This is an axial grayscale scan; the image is {FIELD_OF_VIEW_CM} cm wide."
+SCAN_CONTEXT = f"Axial scan, {FIELD_OF_VIEW_CM} cm wide."
 
 # Image question types: fixed wordings and a fixed option order, so the prompt never depends on the answer.
 IMAGE_QUESTIONS = {
     "location": (
-        ("Where is the focal lesion in this scan?", "In which part of the image does the focal abnormality lie?"),
-        (
-            "The upper-left quadrant of the image",
-            "The upper-right quadrant of the image",
-            "The lower-left quadrant of the image",
-            "The lower-right quadrant of the image",
-        ),
+        ("Where is the lesion?", "Which quadrant holds the lesion?"),
+        ("Upper-left quadrant", "Upper-right quadrant", "Lower-left quadrant", "Lower-right quadrant"),
     ),
     "appearance": (
-        ("Which description best fits the focal lesion in this scan?", "How does the focal lesion in this image look?"),
-        (
-            "Round and hyperdense (brighter than the surrounding tissue)",
-            "Round and hypodense (darker than the surrounding tissue)",
-            "Irregular and hyperdense (brighter than the surrounding tissue)",
-            "Irregular and hypodense (darker than the surrounding tissue)",
-        ),
+        ("How does the lesion look?", "Which describes the lesion?"),
+        ("Round, hyperdense", "Round, hypodense", "Irregular, hyperdense", "Irregular, hypodense"),
     ),
     "side_size": (
-        (
-            "Which statement about the focal lesion in this scan is correct?",
-            "Where is the focal lesion and how large is it?",
-        ),
-        (
-            "It is in the left half of the image and under 3 cm across",
-            "It is in the right half of the image and under 3 cm across",
-            "It is in the left half of the image and over 5 cm across",
-            "It is in the right half of the image and over 5 cm across",
-        ),
+        ("Where is the lesion and how large is it?", "Which statement about the lesion is correct?"),
+        ("Left half, under 3 cm", "Right half, under 3 cm", "Left half, over 5 cm", "Right half, over 5 cm"),
     ),
 }
 QUESTION_TYPES = tuple(IMAGE_QUESTIONS)
@@ -210,24 +199,17 @@ def image_prompt(qtype: str, wording: int) -> str:
 
 
 def chosen_response(qtype: str, f: Finding, geometry: dict, rng: np.random.Generator) -> str:
-    """Grounded reasoning: cites location, size, shape and density, checks itself, answers correctly."""
+    """Grounded reasoning: cites location, size, shape and density, checks itself, answers correctly.
+
+    Concise on purpose (about 100 demo-tokenizer tokens): prompt + 64 image tokens + chosen fit the DPO demo's
+    384-token rows without truncation."""
     d = _describe(f, geometry["diameter_cm"])
     cls = answer_class(qtype, f)
-    options = IMAGE_QUESTIONS[qtype][1]
-    x_pct = round(100 * geometry["lesion_center"][0] / geometry["width"])
-    y_pct = round(100 * geometry["lesion_center"][1] / geometry["height"])
-    opening = ["Looking at the image", "Examining the scan", "On the image"][int(rng.integers(3))]
+    opening = ["On the image", "In the scan", "Looking at the image"][int(rng.integers(3))]
     steps = [
-        f"{opening}, inside the body outline there is a single {d['shape']} focal lesion that is {d['brightness']} "
-        f"than the surrounding soft tissue, so it is {d['density']}.",
-        f"Its centre lies {d['vertical']} the horizontal midline and to the {d['horizontal']} of the vertical "
-        f"midline (about {x_pct}% of the width and {y_pct}% of the height), so it is in the {d['quadrant']} "
-        "quadrant of the image.",
-        f"It measures {d['size']} (the image is {FIELD_OF_VIEW_CM} cm wide), which is {d['size_class']}.",
-        "Checking again: the other quadrants show only homogeneous tissue and the faint symmetric organs, with no "
-        f"second focal abnormality, and the lesion is clearly {d['brightness']} than its surroundings.",
-        f"Option {LETTERS[cls]} ({_short(options[cls])}) agrees with every observation; "
-        "each other option contradicts at least one of them.",
+        f"{opening}, one {d['shape']} lesion is {d['brightness']} than the tissue around it ({d['density']}).",
+        f"It lies in the {d['quadrant']} quadrant, {d['size']} ({d['size_class']}).",
+        f"Check: there is no second lesion, and option {LETTERS[cls]} fits every finding; the other options do not.",
     ]
     return "<think>\n" + "\n".join(steps) + f"\n</think>\nThe answer is {LETTERS[cls]}"
 
@@ -273,12 +255,13 @@ def rejected_response(qtype: str, f: Finding, geometry: dict, rng: np.random.Gen
 
 
 def short_answer(qtype: str, f: Finding, geometry: dict) -> str:
-    """The multimodal SFT target: a brief grounded observation, then the answer."""
+    """The multimodal SFT target: a brief grounded observation (every word in it is fixed or read from the image:
+    quadrant, density, shape, size class), then the answer."""
     d = _describe(f, geometry["diameter_cm"])
     cls = answer_class(qtype, f)
     return (
-        f"<think>\nThe image shows a {d['shape']}, {d['density']} lesion in the {d['quadrant']} quadrant, "
-        f"{d['size']}.\n</think>\nThe answer is {LETTERS[cls]}"
+        f"<think>\nThe lesion is in the {d['quadrant']} quadrant, {d['density']}, {d['shape']}, {d['size_class']}."
+        f"\n</think>\nThe answer is {LETTERS[cls]}"
     )
 
 

@@ -31,9 +31,11 @@ import numpy as np
 from .generation import GenerationRequest
 from .items import IMAGE_PLACEHOLDER
 
-DEMO_COMMANDS = {
-    "workdir/sft": "python -m medee_jax.train --config configs/sft.py",
-    "workdir/dpo": "python -m medee_jax.train --config configs/dpo.py --config.model.init_from=workdir/sft",
+DEMO_COMMANDS = {  # the demo workdirs configs/eval.py and configs/pairs.py name by default
+    "workdir/sft": "python -m medee_jax.pipeline --config configs/pipeline.py (the whole demo loop; Stage-I alone: "
+                   "python -m medee_jax.train --config configs/sft.py)",
+    "workdir/dpo": "python -m medee_jax.pipeline --config configs/pipeline.py (the whole demo loop: Stage-I, "
+                   "pairs, then Stage-II from Stage-I)",
 }
 
 
@@ -279,15 +281,37 @@ def load_model(spec: ModelSpec, *, dtype: str = "float32", family: str = "", mes
     return setup.place_on_mesh(model, mesh, DEFAULT_RULES), tokenizer_dir
 
 
+def image_bounds(spec: ModelSpec, min_pixels: int | None, max_pixels: int | None) -> tuple[int | None, int | None]:
+    """The Qwen-style image size bounds to run `spec` with: values given (> 0) win; else a training workdir's own
+    (`data.min_pixels` / `data.max_pixels` of its config.json, where > 0), the embedded demo model's
+    (`data.demo.DEMO_MAX_PIXELS`, the resolution the demo pipeline trains at), or None (the family's defaults)."""
+    given = (min_pixels or None, max_pixels or None)
+    own: tuple[int | None, int | None] = (None, None)
+    if spec.kind == "workdir":
+        try:
+            with open(os.path.join(spec.path, "config.json"), encoding="utf-8") as f:
+                data = json.load(f).get("data", {})
+            own = (data.get("min_pixels") or None, data.get("max_pixels") or None)
+        except (OSError, ValueError, AttributeError):
+            pass
+    elif spec.kind == "embedded":
+        from medee_jax.data.demo import DEMO_MAX_PIXELS
+
+        own = (None, DEMO_MAX_PIXELS)
+    return given[0] or own[0], given[1] or own[1]
+
+
 def load_generator(spec: ModelSpec, *, dtype: str = "float32", min_pixels: int | None = None,
                    max_pixels: int | None = None, min_tiles: int | None = None, max_tiles: int | None = None,
                    thinking_budget: int | None = None, max_cache_length: int | None = None, family: str = "",
                    mesh_shape: dict | None = None, **unknown) -> ModelGenerator:
     """The generator callable for `spec` (see `generation.py`): the model (`load_model`), its chat tokenizer with
-    the family's image tokens, and the family's image preprocessing (Qwen: min_pixels / max_pixels; InternVL:
-    min_tiles / max_tiles tiles per image; None = the family's defaults)."""
+    the family's image tokens, and the family's image preprocessing (Qwen: min_pixels / max_pixels, None or 0 =
+    `image_bounds`: a training workdir's own, else the family's defaults; InternVL: min_tiles / max_tiles tiles per
+    image; None = the family's defaults)."""
     if unknown:
         raise TypeError(f"load_generator: unknown settings {', '.join(sorted(unknown))}")
+    min_pixels, max_pixels = image_bounds(spec, min_pixels, max_pixels)
     from medee_jax.data.tokenize import load_chat_tokenizer
     from medee_jax.models.families import family_of
 

@@ -58,7 +58,8 @@ def evaluate(c, workdir: str, load_generator=None) -> dict[str, dict]:
     settings = settings_from_config(c)
     all_results = {}
     for spec in specs:
-        generate_fn = load_generator(spec, dtype=c.model_dtype, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+        generate_fn = load_generator(spec, dtype=c.model_dtype, min_pixels=c.min_pixels or None,
+                                       max_pixels=c.max_pixels or None)
         all_results[spec.name] = run_evaluation(items, generate_fn, settings, os.path.join(workdir, spec.name),
                                                 model_id=model_runner.model_identity(spec), skipped=skipped)
     report = markdown_report(all_results)

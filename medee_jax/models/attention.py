@@ -210,6 +210,15 @@ def choose_implementation(f: AttentionFeatures, platform: str) -> str:
     return "blockwise"
 
 
+def implementation_without_mesh(implementation: str) -> str:
+    """Returns the implementation to run for a call that is given no mesh: "auto" on a TPU backend becomes
+    "blockwise" (splash must run under ``shard_map`` over the mesh the program is compiled for, and a Pallas kernel
+    cannot be partitioned by the compiler); anything else, and "auto" elsewhere, is returned as it is."""
+    if implementation == "auto" and jax.default_backend() == "tpu":
+        return "blockwise"
+    return implementation
+
+
 def dense_mask(batch: int, q_len: int, k_len: int, *, causal: bool, kv_mask=None, kv_lengths=None,
                q_segment_ids=None, kv_segment_ids=None, q_branch_ids=None, kv_branch_ids=None, q_offset=0):
     """Returns the bool ``[B, Lq, Lk]`` mask that ``attention`` applies (for the reference path and tests)."""

@@ -4,7 +4,8 @@ Layer parameters are stored stacked along a leading ``layers`` axis so one compi
 and the stack can be rematerialised by a configurable policy. Rotary positions come from the family, computed on
 the host: M-RoPE positions [3, B, L] (Qwen2.5-VL, ``TextConfig.mrope_section`` set) or 1-D positions [B, L]
 (InternVL3, with optional dynamic NTK scaling); see ``rope.text_cos_sin``. Attention is ``attention.attention``
-(``implementation``: "reference" by default, the dense math training has always used).
+(``implementation``: the decoder's ``attention_implementation``, "reference" — the dense math — unless the
+trainer set ``model.attention``).
 
 Generation threads a KV cache (``kv_cache.KVCache``: k, v ``[layers, B, S, Hkv, Dh]`` and per-row lengths) through
 the same scanned layer body: the cache rides in the scan's carry and each layer writes its slice with an in-place
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import attention
+from .attention import attention, implementation_without_mesh
 from .kv_cache import KVCache, append_token, write_prefill
 from .layers import apply_rotary, linear, maybe_remat, param, rms_norm
 from .rope import text_cos_sin
@@ -151,6 +152,9 @@ class Qwen2Decoder(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        # the train step's attention (config model.attention, set through VisionLanguageModel.set_text_attention);
+        # "reference" is the dense math every parity test compares against
+        self.attention_implementation = "reference"
         init = "zeros" if rngs is None else "normal"
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, init)
         self.layers = DecoderLayers(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -161,14 +165,15 @@ class Qwen2Decoder(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, embeds, positions, attention_mask, segment_ids=None, branch_ids=None, *, cache=None,
-                 implementation: str = "reference", mesh=None):
+                 implementation: str | None = None, mesh=None):
         """Returns final (normed) hidden states [B, L, D]; with ``cache``, (hidden states, updated cache).
 
         embeds [B, L, D]; positions: the family's rotary positions, [3, B, L] (M-RoPE) or [B, L] (1-D);
         attention_mask [B, L] (1 = token, 0 = padding); segment_ids [B, L] optional, for packed rows (no attention
         across examples); branch_ids [B, L] optional, for a prompt shared by several completions (see
-        text_attention_mask). ``implementation`` / ``mesh``: see ``attention.attention`` ("reference" is the dense
-        math training has always used).
+        text_attention_mask). ``implementation`` / ``mesh``: see ``attention.attention``; the default is the
+        decoder's ``attention_implementation``; without a mesh, "auto" on TPU runs blockwise
+        (``attention.implementation_without_mesh``).
 
         ``cache`` (a ``kv_cache.KVCache``; no segment or branch ids): with L > 1 a prefill, the first block of an
         empty cache, rows right-padded (real tokens first): attention within the block, keys/values written to
@@ -176,6 +181,9 @@ class Qwen2Decoder(nnx.Module):
         its row and attends the row's filled slots, lengths + 1.
         """
         cfg = self.cfg
+        implementation = implementation or self.attention_implementation
+        if mesh is None:
+            implementation = implementation_without_mesh(implementation)
         cos, sin = text_cos_sin(positions, cfg)  # [B, L, Dh]
         layer_params = self.layers.stacked()  # stored dtype; each layer is cast in the scan body (cast_layer)
         if self.remat == "none":

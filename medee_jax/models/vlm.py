@@ -12,11 +12,11 @@ Device entry points (shape-static, host-computed arrays):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .attention import IMPLEMENTATIONS, implementation_without_mesh
 from .decoder import Qwen2Decoder
 from .layers import param
 
@@ -26,9 +26,7 @@ def vision_attention_implementation(implementation: str) -> str:
     backend becomes "blockwise" (splash needs the mesh the training step is compiled for, which a tower does not
     see, and a Pallas kernel cannot be partitioned by the compiler), anything else is returned as it is ("auto"
     elsewhere: reference for short sequences on CPU, blockwise for long ones; cudnn on GPU where it applies)."""
-    if implementation == "auto" and jax.default_backend() == "tpu":
-        return "blockwise"
-    return implementation
+    return implementation_without_mesh(implementation)
 
 
 class VisionLanguageModel(nnx.Module):
@@ -44,6 +42,13 @@ class VisionLanguageModel(nnx.Module):
         else:
             self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), param_dtype,
                                  "zeros" if rngs is None else "normal")
+
+    def set_text_attention(self, implementation: str) -> None:
+        """Sets the text decoder's attention implementation (``attention.IMPLEMENTATIONS``; the decoder's default is
+        "reference", the dense math). The trainer sets ``model.attention`` here once the model is built."""
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={implementation!r}: one of {', '.join(IMPLEMENTATIONS)}")
+        self.language_model.attention_implementation = implementation
 
     # ---- device entry points (shape-static) ----
 

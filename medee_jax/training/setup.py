@@ -147,6 +147,9 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None, *,
         need(False, f"model.remat={c.model.remat!r} was retired; use {RETIRED_REMAT_POLICIES[c.model.remat]}")
     else:
         need(c.model.remat in REMAT_POLICIES, f"model.remat={c.model.remat!r}: one of {', '.join(REMAT_POLICIES)}")
+    need(c.model.attention in ("auto", "reference", "blockwise"),
+         f"model.attention={c.model.attention!r}: auto, reference or blockwise (the train step runs without a "
+         "shard_map, which splash needs; cudnn takes no padding or segment masks)")
     need(c.model.frozen_dtype in ("compute", "param"), f"model.frozen_dtype={c.model.frozen_dtype!r}: 'compute' or "
          "'param'")
     need(c.optimizer.mu_dtype in ("float32", "bfloat16"), f"optimizer.mu_dtype={c.optimizer.mu_dtype!r}: 'float32' "
@@ -367,7 +370,15 @@ def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
 
 
 def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec):
-    """Returns the initial model, its parameters placed on ``mesh`` by the config's sharding rules."""
+    """Returns the initial model, its parameters placed on ``mesh`` by the config's sharding rules, its text
+    attention set to ``model.attention``."""
+    model = _initial_model(c, mesh, data)
+    model.set_text_attention(c.model.attention)
+    return model
+
+
+def _initial_model(c: ml_collections.ConfigDict, mesh, data: DataSpec):
+    """Returns the initial model (checkpoint, earlier run or embedded), placed on ``mesh``."""
     dtype, param_dtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
     rules = dict(c.sharding_rules)
     if c.model.checkpoint:

@@ -118,6 +118,7 @@ def compile_step(c, model_cfg, mesh, batch: dict, spec, *, with_images: bool | N
     allocated; ``mesh`` may hold another platform's devices (``jax.experimental.topologies``)."""
     model = abstract_model(model_cfg, DTYPES[c.model.dtype], param_dtype=DTYPES[c.model.param_dtype],
                            remat=c.model.remat)
+    model.set_text_attention(c.model.attention)
     graphdef, state, optimizer, schedule = abstract_state(c, model, mesh)
     fns = steps.jit_step(graphdef, step_options(c), optimizer, schedule, shardings_of(state),
                          c.optimizer.max_grad_norm)

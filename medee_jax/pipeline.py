@@ -32,10 +32,17 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from .cli import parse_flags_or_exit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/pipeline.py.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root of the stage folders (default: the config's workdir).")
+
+
+def define_flags() -> None:
+    """Defines the command line's absl flags (at run time, not import: importing this module from a process that has
+    its own ``--config`` flag, e.g. a test session, must not collide with it)."""
+    config_flags.DEFINE_config_file("config", None, "Path to configs/pipeline.py.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Root of the stage folders (default: the config's workdir).")
 
 # The CI variant (--config.short=True): the same stages on a few cases and steps; fields set on the command line
 # keep their values.
@@ -332,12 +339,12 @@ def accuracy_summary(eval_dir: str) -> dict:
 
 def main(argv) -> int:
     del argv
-    c = _CONFIG.value
+    c = flags.FLAGS.config
     if c is None:
         print("error: --config is required (e.g. --config configs/pipeline.py)", file=sys.stderr)
         return 2
     overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
-    workdir = _WORKDIR.value or c.workdir
+    workdir = flags.FLAGS.workdir or c.workdir
     try:
         with c.unlocked():
             resolve(c, overridden)
@@ -349,4 +356,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -103,3 +103,16 @@ def test_a_real_run_says_so_and_saves_its_resolved_config(tmp_path, demo_tokeniz
     assert "run: a real sft run (no preset); recipe values, the demo sizes are not applied" in proc.stderr
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["demo"] is False and saved["model"]["remat"] == "full" and saved["optimizer"]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "medee_jax.evaluate", "--config", os.path.join(ROOT, "configs", "eval.py")],
+    ["-m", "medee_jax.pipeline", "--config", os.path.join(ROOT, "configs", "pipeline.py")],
+    [os.path.join(ROOT, "tools", "build_pairs.py"), "--config", os.path.join(ROOT, "configs", "pairs.py")],
+], ids=["evaluate", "pipeline", "build_pairs"])
+def test_other_command_lines_name_an_unknown_field(command, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, *command, "--workdir", str(tmp_path / "w"), "--config.sampling_nope=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert_one_error(proc, "--config.sampling_nope", "no such config field")
+    assert not (tmp_path / "w").exists()  # nothing written before the command line is understood

@@ -33,6 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from .cli import parse_flags_or_exit
+from .training.identity import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,30 +187,22 @@ def eval_command(c, dirs) -> list[str]:
 # ------------------------------------------------------------------------------------------------ stage state
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def training_done(workdir: str, train_file: str, steps: int) -> bool:
     """Whether `workdir` holds a finished run of `steps` steps on `train_file`; raises PipelineError when it holds
     a run on other data (never overwritten)."""
-    config = _read_json(os.path.join(workdir, "config.json"))
+    config = read_json(os.path.join(workdir, "config.json"))
     if config is None:
         return False
     found = config.get("data", {}).get("train", "")
     if os.path.abspath(found or ".") != os.path.abspath(train_file):
         raise PipelineError(f"{workdir} holds another run (data.train={found!r}, not {train_file}): remove it or "
                             "pick another --workdir")
-    result = _read_json(os.path.join(workdir, "result.json"))
+    result = read_json(os.path.join(workdir, "result.json"))
     return bool(result) and result.get("stopped") == "done" and result.get("steps") == steps
 
 
 def pairs_done(pairs_dir: str) -> bool:
-    summary = _read_json(os.path.join(pairs_dir, "summary.json"))
+    summary = read_json(os.path.join(pairs_dir, "summary.json"))
     return bool(summary) and os.path.isfile(os.path.join(pairs_dir, "pairs.jsonl"))
 
 
@@ -286,7 +279,7 @@ def run_pipeline(c, workdir: str) -> dict:
         run_command("pairs", pairs_command(c, dirs, files), os.path.join(logs, "pairs.log"))
 
     def stage2():
-        summary = _read_json(os.path.join(dirs["pairs"], "summary.json")) or {}
+        summary = read_json(os.path.join(dirs["pairs"], "summary.json")) or {}
         if not summary.get("pairs_written"):
             raise PipelineError(f"no preference pairs in {dirs['pairs']} (summary: {summary.get('dropped')}): the "
                                 "Stage-I model answered every case the same way; train Stage-I longer "
@@ -306,7 +299,7 @@ def run_pipeline(c, workdir: str) -> dict:
         "workdir": os.path.abspath(workdir), "short": bool(c.short), "stages": timings,
         "seconds": round(sum(t["seconds"] for t in timings.values()), 1),
         "cpu_seconds": round(sum(t["cpu_seconds"] for t in timings.values()), 1),
-        "pairs": _read_json(os.path.join(dirs["pairs"], "summary.json")),
+        "pairs": read_json(os.path.join(dirs["pairs"], "summary.json")),
         "accuracy": accuracy_summary(dirs["eval"]),
         "table": os.path.join(dirs["eval"], "results.md"), "chart": os.path.join(dirs["eval"], "results.png"),
     }
@@ -325,7 +318,7 @@ def accuracy_summary(eval_dir: str) -> dict:
     "demo_image", read from each model's results.json."""
     out = {}
     for name in ("base", "stage1", "stage2"):
-        results = _read_json(os.path.join(eval_dir, name, "results.json"))
+        results = read_json(os.path.join(eval_dir, name, "results.json"))
         if not results:
             continue
         out[name] = {}

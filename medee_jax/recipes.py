@@ -55,10 +55,12 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     c.model.init_from = ""  # a medee_jax workdir or an Orbax dir from tools/convert_checkpoint.py hf2orbax
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
-    # Text attention in the train step (models/attention.py). auto: blockwise (online softmax, O(L) memory) on TPU
-    # and GPU — the step's rows carry padding and segment masks that cudnn does not take, and splash is not yet run
-    # under the step's shard_map — and on CPU the dense reference for short rows, blockwise for long ones;
-    # reference: the dense O(L^2) math of the parity tests; blockwise: always.
+    # Text attention in the train step (models/attention.py). auto: on TPU the Pallas splash kernel (under a
+    # shard_map over the step's mesh: rows on their data shard, heads over mesh.tensor) where the heads divide
+    # mesh.tensor, else blockwise; on GPU blockwise (online softmax, O(L) memory: the step's rows carry padding and
+    # segment masks that cudnn does not take); on CPU the dense reference for short rows, blockwise for long ones.
+    # DPO share_prompt rows (branch ids) run blockwise everywhere. reference: the dense O(L^2) math of the parity
+    # tests; blockwise: always; splash: always (TPU only).
     c.model.attention = "auto"
     # none | full | minimal | save_attention | save_qkv_proj, and <named>_offload (host offload, TPU/GPU): what each
     # keeps and recomputes is in models/layers.py (REMAT_POLICIES); "dots" and "dots_no_batch" were retired.

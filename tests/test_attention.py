@@ -343,3 +343,28 @@ def test_pallas_gpu_interpret_bidirectional_segments():
     seg[1, 50:] = 2
     assert_same_values_and_grads("pallas_gpu", dict(causal=False, q_segment_ids=seg), np.ones((B, 64), bool),
                                  shapes=dict(lq=64, lk=64), interpret=True, block_q=32, block_k=32)
+
+
+def test_platform_and_heads_rules_of_auto_under_a_mesh(monkeypatch):
+    """auto's platform comes from the mesh the program is compiled for (a concrete mesh, or the abstract mesh the
+    train step traces under); splash needs the mesh's tensor axis to divide both head counts; without a mesh, a
+    multi-chip TPU runs blockwise (splash there needs a shard_map) and a single chip keeps auto."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tensor",))
+    assert attn.mesh_platform(mesh) == attn.mesh_platform(mesh.abstract_mesh) == attn.mesh_platform(None) == "cpu"
+    two = jax.sharding.AbstractMesh((2, 2), ("data", "tensor"))  # no device: the default backend
+    assert attn.mesh_platform(two) == "cpu"
+    assert attn.heads_divide(two, "tensor", 4, 2) and not attn.heads_divide(two, "tensor", 4, 1)
+    assert attn.heads_divide(two, None, 3, 1) and attn.heads_divide(None, "tensor", 3, 1)
+    assert attn.heads_divide(jax.sharding.AbstractMesh((2,), ("data",)), "tensor", 3, 1)  # no tensor axis
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    assert attn.implementation_without_mesh("auto") == "blockwise"
+    assert attn.implementation_without_mesh("reference") == "reference"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert attn.implementation_without_mesh("auto") == "auto"
+
+
+def test_splash_outside_a_tpu_program_names_the_platform():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"'splash' needs a TPU \(this program is compiled for cpu\)"):
+        attention(q, k, v, causal=True, implementation="splash")

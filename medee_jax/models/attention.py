@@ -23,8 +23,9 @@ attention_kernels.py, the mask predicate in attention_masks.py):
 | `splash`     | O(L)       | TPU (Pallas)          | causal (static q_offset), padding and segment ids, GQA        |
 | `pallas_gpu` | O(L)       | GPU (Pallas/Triton)   | self-attention (Lq == Lk, q_offset 0): causal, padding and    |
 |              |            |                       | segment ids; GQA by repeating K/V heads (G× K/V memory)       |
-| `auto`       |            |                       | TPU → splash, GPU → cudnn, when they support the arguments,   |
-|              |            |                       | else blockwise; CPU → reference below                         |
+| `auto`       |            |                       | TPU → splash, GPU → cudnn, when they support the arguments    |
+|              |            |                       | (splash: and the mesh's head axis divides the heads), else    |
+|              |            |                       | blockwise; CPU → reference below                              |
 |              |            |                       | ``CPU_BLOCKWISE_MIN_SCORES`` (Lq·Lk), blockwise from there on |
 
 An explicit implementation that cannot express the arguments raises ``ValueError`` naming what it lacks (branch ids
@@ -57,6 +58,10 @@ from .attention_masks import block_allowed, mask_inputs
 # uniform distribution instead of NaN).
 MASK_VALUE = float(np.finfo(np.float32).min)
 
+# The mesh axes a batch is split over, and the one heads are split over (``training/mesh.py``'s axes).
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "splash", "pallas_gpu")
 
 # ``auto`` on CPU: the dense reference while a head's score matrix has fewer than this many entries (Lq·Lk), blockwise
@@ -75,7 +80,7 @@ DEFAULT_BLOCK_ACCELERATOR = 512
 def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment_ids=None, kv_segment_ids=None,
               q_branch_ids=None, kv_branch_ids=None, q_offset=0, scale: float | None = None,
               implementation: str = "auto", block_q: int | None = None, block_k: int | None = None,
-              mesh=None, batch_axes=("data", "fsdp"), head_axis="tensor", interpret: bool = False):
+              mesh=None, batch_axes=BATCH_AXES, head_axis=HEAD_AXIS, interpret: bool = False):
     """Returns softmax(q kᵀ · scale, masked) v, ``[B, Lq, Hq, Dh]`` in q's dtype (softmax statistics in fp32).
 
     q ``[B, Lq, Hq, Dh]``; k, v ``[B, Lk, Hkv, Dh]`` with Hq a multiple of Hkv (grouped-query attention).
@@ -95,7 +100,10 @@ def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment
       (so an ahead-of-time compile for a TPU topology on a CPU host picks splash). splash runs under ``shard_map``
       with the batch split over ``batch_axes`` and the heads over ``head_axis`` (None: heads whole) of ``mesh`` (a
       Pallas TPU kernel cannot be partitioned automatically); without a mesh it runs as is (one device, or inside
-      the caller's shard_map).
+      the caller's shard_map). ``mesh`` may be a ``jax.sharding.AbstractMesh`` (the train step's context mesh).
+      Inside a ``vmap`` with ``spmd_axis_name`` (the train step's map over data shards) pass ``batch_axes=()``: the
+      vmap adds its own axes to the shard_map's specs. ``auto`` runs blockwise where the mesh's ``head_axis`` does
+      not divide the query and KV heads (splash would repeat every head on each of its devices).
     interpret: run Pallas kernels in interpret mode (CPU tests).
     """
     if implementation not in IMPLEMENTATIONS:
@@ -126,12 +134,14 @@ def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment
                                  same_length=lq == lk, dtype=jnp.dtype(q.dtype), head_dim=dh, num_scores=lq * lk)
     # The platform the code is compiled for: the mesh's devices (ahead-of-time compilation for a TPU topology on a
     # CPU host), else the default backend.
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    platform = mesh_platform(mesh)
     default_block = DEFAULT_BLOCK_CPU if platform == "cpu" else DEFAULT_BLOCK_ACCELERATOR
     block_q = block_q or default_block
     block_k = block_k or default_block
     if implementation == "auto":
         implementation = choose_implementation(features, platform)
+        if implementation == "splash" and not heads_divide(mesh, head_axis, hq, k.shape[2]):
+            implementation = "blockwise"
     else:
         missing = unsupported(implementation, features)
         if missing:
@@ -148,6 +158,9 @@ def attention(q, k, v, *, causal: bool, kv_mask=None, kv_lengths=None, q_segment
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, masks, causal=causal, scale=scale, block_q=block_q, block_k=block_k)
     if implementation == "splash":
+        if platform != "tpu" and not interpret:
+            raise ValueError(f"attention: implementation 'splash' needs a TPU (this program is compiled for "
+                             f"{platform}); use 'auto' or 'blockwise' (tests: interpret=True)")
         return splash_attention(q, k, v, masks, causal=causal, q_offset=int(q_offset), scale=scale, block_q=block_q,
                        block_k=block_k, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis, interpret=interpret)
     return pallas_gpu_attention(q, k, v, masks, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
@@ -210,13 +223,34 @@ def choose_implementation(f: AttentionFeatures, platform: str) -> str:
     return "blockwise"
 
 
+def heads_divide(mesh, head_axis, q_heads: int, kv_heads: int) -> bool:
+    """Returns whether ``mesh``'s ``head_axis`` splits ``q_heads`` and ``kv_heads`` evenly (True without a mesh, an
+    axis, or when the axis has one device)."""
+    if mesh is None or head_axis is None or head_axis not in mesh.axis_names:
+        return True
+    shards = mesh.shape[head_axis]
+    return q_heads % shards == 0 and kv_heads % shards == 0
+
+
 def implementation_without_mesh(implementation: str) -> str:
-    """Returns the implementation to run for a call that is given no mesh: "auto" on a TPU backend becomes
-    "blockwise" (splash must run under ``shard_map`` over the mesh the program is compiled for, and a Pallas kernel
-    cannot be partitioned by the compiler); anything else, and "auto" elsewhere, is returned as it is."""
-    if implementation == "auto" and jax.default_backend() == "tpu":
+    """Returns the implementation to run for a call that is given no mesh: "auto" on a TPU backend with more than one
+    device becomes "blockwise" (splash must run under ``shard_map`` over the mesh the program is compiled for, and a
+    Pallas kernel cannot be partitioned by the compiler); on a single TPU chip, and anything else, is returned as it
+    is."""
+    if implementation == "auto" and jax.default_backend() == "tpu" and jax.device_count() > 1:
         return "blockwise"
     return implementation
+
+
+def mesh_platform(mesh) -> str:
+    """Returns the platform ("cpu", "gpu", "tpu") a program for ``mesh`` is compiled for: its devices' (a concrete
+    ``Mesh``, or an ``AbstractMesh`` made from one, as the train step's context mesh), else the default backend."""
+    if mesh is None:
+        return jax.default_backend()
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        device = mesh.abstract_device
+        return jax.default_backend() if device is None else device.platform
+    return mesh.devices.flat[0].platform
 
 
 def dense_mask(batch: int, q_len: int, k_len: int, *, causal: bool, kv_mask=None, kv_lengths=None,

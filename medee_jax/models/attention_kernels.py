@@ -49,6 +49,8 @@ def splash_attention(q, k, v, m: MaskInputs, *, causal, q_offset, scale, block_q
     kt = jnp.pad(k.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, lk_pad - lk), (0, 0)])
     vt = jnp.pad(v.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, lk_pad - lk), (0, 0)])
     heads = hq
+    if mesh is not None and head_axis is not None and head_axis not in mesh.axis_names:
+        head_axis = None
     if mesh is not None and head_axis is not None:
         shards = mesh.shape[head_axis]
         if hq % shards or hkv % shards:
@@ -66,8 +68,9 @@ def splash_attention(q, k, v, m: MaskInputs, *, causal, q_offset, scale, block_q
     if mesh is not None:
         from jax.sharding import PartitionSpec as P
 
-        heads_spec = P(batch_axes, head_axis, None, None)
-        ids_spec = P(batch_axes, None)
+        batch = tuple(a for a in (batch_axes or ()) if a in mesh.axis_names) or None
+        heads_spec = P(batch, head_axis, None, None)
+        ids_spec = P(batch, None)
         run = jax.shard_map(run, mesh=mesh, in_specs=(heads_spec, heads_spec, heads_spec, ids_spec, ids_spec),
                             out_specs=heads_spec, check_vma=False)
     out = run(qt, kt, vt, q_ids, kv_ids)  # [B, Hq, Lq_pad, Dh]

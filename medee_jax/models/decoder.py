@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from .attention import attention, implementation_without_mesh
+from .attention import BATCH_AXES, attention, implementation_without_mesh
 from .kv_cache import KVCache, append_token, write_prefill
 from .layers import apply_rotary, linear, maybe_remat, param, rms_norm
 from .rope import text_cos_sin
@@ -155,6 +155,7 @@ class Qwen2Decoder(nnx.Module):
         # the train step's attention (config model.attention, set through VisionLanguageModel.set_text_attention);
         # "reference" is the dense math every parity test compares against
         self.attention_implementation = "reference"
+        self.attention_interpret = False  # Pallas kernels (splash) in interpret mode: CPU tests of the TPU path
         init = "zeros" if rngs is None else "normal"
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, init)
         self.layers = DecoderLayers(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -165,15 +166,16 @@ class Qwen2Decoder(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
     def __call__(self, embeds, positions, attention_mask, segment_ids=None, branch_ids=None, *, cache=None,
-                 implementation: str | None = None, mesh=None):
+                 implementation: str | None = None, mesh=None, batch_axes=BATCH_AXES):
         """Returns final (normed) hidden states [B, L, D]; with ``cache``, (hidden states, updated cache).
 
         embeds [B, L, D]; positions: the family's rotary positions, [3, B, L] (M-RoPE) or [B, L] (1-D);
         attention_mask [B, L] (1 = token, 0 = padding); segment_ids [B, L] optional, for packed rows (no attention
         across examples); branch_ids [B, L] optional, for a prompt shared by several completions (see
-        text_attention_mask). ``implementation`` / ``mesh``: see ``attention.attention``; the default is the
-        decoder's ``attention_implementation``; without a mesh, "auto" on TPU runs blockwise
-        (``attention.implementation_without_mesh``).
+        text_attention_mask). ``implementation`` / ``mesh`` / ``batch_axes``: see ``attention.attention``; the
+        default is the decoder's ``attention_implementation``; without a mesh, "auto" on a multi-chip TPU runs
+        blockwise (``attention.implementation_without_mesh``). The train step passes its context mesh and
+        ``batch_axes=()`` (it maps over data shards with ``vmap(spmd_axis_name=...)``).
 
         ``cache`` (a ``kv_cache.KVCache``; no segment or branch ids): with L > 1 a prefill, the first block of an
         empty cache, rows right-padded (real tokens first): attention within the block, keys/values written to
@@ -196,12 +198,14 @@ class Qwen2Decoder(nnx.Module):
         if cache is not None:
             if segment_ids is not None or branch_ids is not None:
                 raise ValueError("the KV-cache path takes no segment_ids or branch_ids")
-            x, cache = self._scan_with_cache(x, cos, sin, attention_mask, cache, layer_params, implementation, mesh)
+            x, cache = self._scan_with_cache(x, cos, sin, attention_mask, cache, layer_params, implementation, mesh,
+                                             batch_axes)
             return rms_norm(x, self.norm[...], cfg.rms_norm_eps), cache
 
         def attend(q, k, v):
             return attention(q, k, v, causal=True, kv_mask=attention_mask, q_segment_ids=segment_ids,
-                             q_branch_ids=branch_ids, implementation=implementation, mesh=mesh)
+                             q_branch_ids=branch_ids, implementation=implementation, mesh=mesh,
+                             batch_axes=batch_axes, interpret=self.attention_interpret)
 
         def body(h, p):
             h = constrain_residual(h, mesh)  # [B, L, D] split along the batch only, at every layer boundary
@@ -210,7 +214,8 @@ class Qwen2Decoder(nnx.Module):
         x, _ = jax.lax.scan(maybe_remat(body, self.remat), x, layer_params)
         return rms_norm(x, self.norm[...], cfg.rms_norm_eps)
 
-    def _scan_with_cache(self, x, cos, sin, attention_mask, cache: KVCache, layer_params, implementation, mesh):
+    def _scan_with_cache(self, x, cos, sin, attention_mask, cache: KVCache, layer_params, implementation, mesh,
+                         batch_axes):
         """Returns (x after every layer [B, L, D], the cache with this block's keys and values)."""
         cfg = self.cfg
         prefill = x.shape[1] > 1
@@ -224,11 +229,12 @@ class Qwen2Decoder(nnx.Module):
             if prefill:
                 k_cache, v_cache = write_prefill(k_cache, v_cache, layer, k, v)
                 attn = attention(q, k, v, causal=True, kv_mask=attention_mask, implementation=implementation,
-                                 mesh=mesh)
+                                 mesh=mesh, batch_axes=batch_axes, interpret=self.attention_interpret)
             else:
                 k_cache, v_cache = append_token(k_cache, v_cache, layer, cache.lengths, k, v)
                 attn = attention(q, k_cache[layer], v_cache[layer], causal=True, q_offset=cache.lengths,
-                                 kv_lengths=cache.lengths + 1, implementation=implementation, mesh=mesh)
+                                 kv_lengths=cache.lengths + 1, implementation=implementation, mesh=mesh,
+                                 batch_axes=batch_axes, interpret=self.attention_interpret)
             return (layer_output(p, h, attn, cfg), k_cache, v_cache), None
 
         layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)

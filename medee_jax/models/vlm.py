@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import IMPLEMENTATIONS, implementation_without_mesh
+from .attention import BATCH_AXES, IMPLEMENTATIONS, implementation_without_mesh
 from .decoder import Qwen2Decoder
 from .layers import param
 
@@ -43,12 +43,14 @@ class VisionLanguageModel(nnx.Module):
             self.lm_head = param(rngs, (cfg.text.hidden_size, cfg.text.vocab_size), ("embed", "vocab"), param_dtype,
                                  "zeros" if rngs is None else "normal")
 
-    def set_text_attention(self, implementation: str) -> None:
+    def set_text_attention(self, implementation: str, *, interpret: bool = False) -> None:
         """Sets the text decoder's attention implementation (``attention.IMPLEMENTATIONS``; the decoder's default is
-        "reference", the dense math). The trainer sets ``model.attention`` here once the model is built."""
+        "reference", the dense math). The trainer sets ``model.attention`` here once the model is built.
+        ``interpret``: run Pallas kernels (splash) in interpret mode, for CPU tests of the TPU path."""
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"model.attention={implementation!r}: one of {', '.join(IMPLEMENTATIONS)}")
         self.language_model.attention_implementation = implementation
+        self.language_model.attention_interpret = bool(interpret)
 
     # ---- device entry points (shape-static) ----
 
@@ -72,9 +74,12 @@ class VisionLanguageModel(nnx.Module):
         flat = embeds.reshape(b * length, d).at[image_token_index.reshape(-1)].set(features, mode="drop")
         return flat.reshape(b, length, d)
 
-    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None):
-        """Returns final normed hidden states [B, L, D] (``branch_ids``: see decoder.text_attention_mask)."""
-        return self.language_model(embeds, position_ids, attention_mask, segment_ids, branch_ids)
+    def hidden_states(self, embeds, position_ids, attention_mask, segment_ids=None, branch_ids=None, *, mesh=None,
+                      batch_axes=BATCH_AXES):
+        """Returns final normed hidden states [B, L, D] (``branch_ids``: see decoder.text_attention_mask; ``mesh``,
+        ``batch_axes``: the text attention's, see ``attention.attention``)."""
+        return self.language_model(embeds, position_ids, attention_mask, segment_ids, branch_ids, mesh=mesh,
+                                   batch_axes=batch_axes)
 
     def lm_head_kernel(self):
         """Returns the LM-head kernel [D, V] (the embedding's transpose when tied)."""

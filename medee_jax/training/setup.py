@@ -27,6 +27,8 @@ from ..models.layers import REMAT_POLICIES, RETIRED_REMAT_POLICIES
 log = logging.getLogger("medee_jax.train")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The text attention implementations the train step runs (``model.attention``; models/attention.py).
+TRAIN_ATTENTION = ("auto", "reference", "blockwise", "splash")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
                    "generation_config.json", "processor_config.json")
@@ -147,9 +149,9 @@ def validate_config(c: ml_collections.ConfigDict, workdir: str | None = None, *,
         need(False, f"model.remat={c.model.remat!r} was retired; use {RETIRED_REMAT_POLICIES[c.model.remat]}")
     else:
         need(c.model.remat in REMAT_POLICIES, f"model.remat={c.model.remat!r}: one of {', '.join(REMAT_POLICIES)}")
-    need(c.model.attention in ("auto", "reference", "blockwise"),
-         f"model.attention={c.model.attention!r}: auto, reference or blockwise (the train step runs without a "
-         "shard_map, which splash needs; cudnn takes no padding or segment masks)")
+    need(c.model.attention in TRAIN_ATTENTION,
+         f"model.attention={c.model.attention!r}: {', '.join(TRAIN_ATTENTION)} (cudnn takes no padding or segment "
+         "masks, which the step's rows carry; the Pallas GPU kernel is not partitioned over the step's mesh)")
     need(c.model.frozen_dtype in ("compute", "param"), f"model.frozen_dtype={c.model.frozen_dtype!r}: 'compute' or "
          "'param'")
     need(c.optimizer.mu_dtype in ("float32", "bfloat16"), f"optimizer.mu_dtype={c.optimizer.mu_dtype!r}: 'float32' "
@@ -371,7 +373,13 @@ def place_on_mesh(model: nnx.Module, mesh, rules) -> nnx.Module:
 
 def build_model(c: ml_collections.ConfigDict, mesh, data: DataSpec):
     """Returns the initial model, its parameters placed on ``mesh`` by the config's sharding rules, its text
-    attention set to ``model.attention``."""
+    attention set to ``model.attention`` (splash only on TPU devices)."""
+    from ..models.attention import mesh_platform
+
+    platform = mesh_platform(mesh)
+    if c.model.attention == "splash" and platform != "tpu":
+        raise ValueError(f"model.attention='splash' runs on TPU only (this run's devices: {platform}); use 'auto' "
+                         "(splash on TPU, blockwise or reference elsewhere) or 'blockwise'")
     model = _initial_model(c, mesh, data)
     model.set_text_attention(c.model.attention)
     return model

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from .. import losses
+from ..models.sharding import context_mesh
 from .mesh import BATCH_AXES
 
 PyTree = Any
@@ -117,10 +118,12 @@ def image_features(model, shard):
 
 
 def decoder_hidden(model, shard, features):
-    """Returns the final hidden states [B, L, D] of one data shard's rows, image features scattered in."""
+    """Returns the final hidden states [B, L, D] of one data shard's rows, image features scattered in. The text
+    attention sees the step's context mesh (so ``auto`` runs splash on a TPU mesh) with ``batch_axes=()``: a shard's
+    rows stay on its devices, and the vmap over shards (``spmd_axis_name``) splits the shard axis."""
     embeds = model.embed(shard["input_ids"], features, shard.get("image_token_index"))
     return model.hidden_states(embeds, shard["position_ids"], shard["attention_mask"], shard.get("segment_ids"),
-                               shard.get("branch_ids"))
+                               shard.get("branch_ids"), mesh=context_mesh(), batch_axes=())
 
 
 def target_hidden(model, shard, features):

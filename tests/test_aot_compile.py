@@ -19,7 +19,7 @@ from medee_jax import recipes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "aot_compile.py")
 JSON_FIELDS = ("topology", "devices", "peak_memory_gib_per_device", "hbm_gib", "fits", "flops_per_step", "mesh",
-               "state_gib_per_device", "collectives", "pieces", "batch_shape")
+               "state_gib_per_device", "collectives", "pieces", "batch_shape", "text_attention")
 SMALL = ("--config.data.max_length=128", "--config.data.length_buckets=(128,)", "--config.data.patch_buckets=(64,)",
          "--config.data.target_buckets=(64,)")
 
@@ -85,6 +85,16 @@ def test_tpu_slice_plan_compiles_with_libtpu(tiny_checkpoint):
     assert report["fits"] is True and report["hbm_gib"] == 95.0 and report["flops_per_step"] > 0
     assert report["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}  # the recipe: data parallel over the slice
     assert report["collectives"].get("all-reduce", 0) > 0  # the gradients' sum over the data shards
+    assert report["collectives_counted"] is True  # read from the compiler's own HLO dump
+    # model.attention=auto on a TPU mesh: the splash kernel inside the step (forward, remat recompute, backward)
+    assert report["text_attention"] == "splash" and report["pieces"]["accumulate_first"]["pallas_kernel_calls"] >= 2
+    assert "text attention: splash" in proc.stdout
+    # 4 tensor shards do not divide the tiny model's 2 KV heads: auto runs blockwise, with no Pallas kernel
+    proc, report = run_tool("--config", "configs/dpo.py", "--topology", "v5p-8", "--config.mesh.data=1",
+                            "--config.mesh.tensor=4", f"--config.model.checkpoint={tiny_checkpoint}", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["mesh"]["tensor"] == 4 and report["text_attention"] == "blockwise"
+    assert report["pieces"]["accumulate_first"]["pallas_kernel_calls"] == 0
 
 
 def test_slice_plans_apply_before_the_command_line():

@@ -34,6 +34,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -121,20 +122,24 @@ def devices_for(slice_name: str):
     return devices[:count]
 
 
-def collectives_of(executable) -> dict[str, int] | None:
-    """Counts of the collective ops in a compiled executable's optimized HLO, by kind (async pairs counted once);
-    None when jax cannot read the HLO back (libtpu 0.0.52's optimized HLO can hold async ops, e.g. an
-    async-update with several operands, that jax 0.10's HLO parser rejects: the compile itself succeeded)."""
-    try:
-        text = executable.as_text()
-    except Exception as e:  # noqa: BLE001 - jax's XLA rejects the compiler's HLO proto: report it, keep the rest
-        print(f"note: the optimized HLO cannot be read back ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-              "collectives not counted", file=sys.stderr)
+def collectives_of(hlo: str | None) -> dict[str, int] | None:
+    """Counts of the collective ops in a piece's optimized HLO text, by kind (async pairs counted once); None
+    without a text. The text is the compiler's own dump (`step_memory.optimized_hlo_text`): jax 0.10 cannot parse
+    libtpu's optimized HLO back (``executable.as_text()`` fails on async ops with several operands)."""
+    if hlo is None:
         return None
     counts = collections.Counter()
     for kind in COLLECTIVES:
-        counts[kind] = len(re.findall(rf"= [^=\n]*\b{kind}(?:-start)?\(", text))
+        counts[kind] = len(re.findall(rf"= [^=\n]*\b{kind}(?:-start)?\(", hlo))
     return {k: v for k, v in counts.items() if v}
+
+
+def pallas_kernel_calls(hlo: str | None) -> int | None:
+    """Calls of Pallas TPU kernels (``tpu_custom_call``) in a piece's optimized HLO text: the splash attention
+    kernel's forward and backward calls in the train step (0: the text attention ran blockwise or reference)."""
+    if hlo is None:
+        return None
+    return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo))
 
 
 def flops_of(executable) -> float | None:
@@ -182,7 +187,7 @@ def compile_plan(c, slice_name: str, text_only: bool) -> dict:
     from medee_jax.training import setup
     from medee_jax.training.batches import run_batch_spec
     from medee_jax.training.mesh import make_mesh
-    from medee_jax.training.step_memory import compile_step, memory_report, synthetic_batch
+    from medee_jax.training.step_memory import compile_step, memory_report, optimized_hlo_text, synthetic_batch
 
     platform, topology, count, hbm = SLICES[slice_name]
     model_cfg = model_config_of(c)
@@ -191,8 +196,10 @@ def compile_plan(c, slice_name: str, text_only: bool) -> dict:
                           is_demo=False)
     spec = run_batch_spec(c, data, model_cfg)
     t0 = time.perf_counter()
-    compiled = compile_step(c, model_cfg, mesh, synthetic_batch(c, spec, model_cfg), spec,
-                            with_images=not text_only)
+    with tempfile.TemporaryDirectory(prefix="aot_hlo_") as dump:
+        compiled = compile_step(c, model_cfg, mesh, synthetic_batch(c, spec, model_cfg), spec,
+                                with_images=not text_only, hlo_dump_dir=dump)
+        hlo = {name: optimized_hlo_text(dump, name) for name in compiled.pieces}
     compile_s = time.perf_counter() - t0
     memory = memory_report(compiled)
     if _HBM_GIB.value:
@@ -204,12 +211,13 @@ def compile_plan(c, slice_name: str, text_only: bool) -> dict:
     pieces, xla_flops, collectives = {}, 0.0, collections.Counter()
     for name, (executable, _) in compiled.pieces.items():
         piece_flops = flops_of(executable)
-        piece_collectives = collectives_of(executable)
+        piece_collectives = collectives_of(hlo[name])
         collectives.update(piece_collectives or {})
         if piece_flops is not None:
             xla_flops += runs[name] * piece_flops * count
         pieces[name] = {**{k: v / 2**30 for k, v in memory.get(name, {}).items()},
-                        "xla_flops_per_device": piece_flops, "collectives": piece_collectives}
+                        "xla_flops_per_device": piece_flops, "collectives": piece_collectives,
+                        "pallas_kernel_calls": pallas_kernel_calls(hlo[name])}
     peak = memory["peak_bytes_per_device"] / 2**30
     flops = plan_flops(c, model_cfg, memory["batch_shape"], int(compiled.batch["input_ids"].shape[0]), text_only)
     return {"topology": slice_name, "platform": platform, "topology_desc": topology, "devices": count,
@@ -219,10 +227,23 @@ def compile_plan(c, slice_name: str, text_only: bool) -> dict:
             "fits": bool(peak <= hbm), "flops_per_step": flops["model"], "hardware_flops_per_step": flops["hardware"],
             "xla_flops_per_step": xla_flops, "collectives": dict(collectives), "pieces": pieces,
             "collectives_counted": all(p["collectives"] is not None for p in pieces.values()),
+            "text_attention": text_attention(c, mesh.devices.flat[0].platform,
+                                             pieces["accumulate_first"]["pallas_kernel_calls"]),
             "batch_shape": memory["batch_shape"], "batch_size": int(c.data.batch_size),
             "grad_accum_steps": accum, "reference": c.dpo.reference if c.mode == "dpo" else None,
             "mu_dtype": c.optimizer.mu_dtype, "remat": c.model.remat, "images": not text_only,
             "compile_s": round(compile_s, 1)}
+
+
+def text_attention(c, platform: str, kernel_calls: int | None) -> str:
+    """What the compiled step's text attention runs: "splash" when the TPU program calls Pallas kernels, else the
+    configured implementation, "auto" resolved for the compiling ``platform`` (GPU hosts compile on the CPU
+    backend, whose auto picks reference or blockwise by row length)."""
+    if kernel_calls:
+        return "splash"
+    if c.model.attention == "auto":
+        return "blockwise" if platform != "cpu" else "auto (CPU: reference or blockwise by row length)"
+    return c.model.attention
 
 
 def describe(report: dict) -> list[str]:
@@ -233,6 +254,9 @@ def describe(report: dict) -> list[str]:
         lines.append(f"  {name:17s} arguments {p.get('arguments', 0):8.2f} GiB  outputs {p.get('outputs', 0):8.2f} "
                      f"GiB  temporaries {p.get('temporaries', 0):8.2f} GiB  collectives "
                      f"{'(HLO unreadable)' if p['collectives'] is None else p['collectives'] or '-'}")
+    calls = report["pieces"]["accumulate_first"]["pallas_kernel_calls"]
+    lines.append(f"  text attention: {report['text_attention']}"
+                 + (f" ({calls} Pallas kernel calls in accumulate_first)" if calls else ""))
     verdict = "fits" if report["fits"] else "does NOT fit"
     lines.append(f"  state {report['state_gib_per_device']:.2f} GiB + largest transient: peak "
                  f"{report['peak_memory_gib_per_device']:.2f} GiB per device vs {report['hbm_gib']:.1f} GiB HBM: "
@@ -246,9 +270,9 @@ def describe(report: dict) -> list[str]:
 def all_plans(mode: str) -> int:
     """Compiles every (preset, slice) of recipes.SLICE_PLANS for ``mode``, each in its own process (a slice's
     devices are fixed when jax starts), and prints a Markdown table row per plan; returns 0."""
-    print("| preset | slice (devices) | mesh | per data shard | reference, mu | state / peak per device | HBM | "
-          "fits | model TFLOPs per step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| preset | slice (devices) | mesh | per data shard | reference, mu | text attention | state / peak per device "
+          "| HBM | fits | model TFLOPs per step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for preset, plans in recipes.SLICE_PLANS.items():
         for slice_name in plans:
             env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -258,13 +282,14 @@ def all_plans(mode: str) -> int:
             lines = proc.stdout.strip().splitlines()
             if proc.returncode not in (0, 1) or not lines:
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"| `{preset}` | {slice_name} | - | - | - | did not compile: {error[:200]} | - | - | - |")
+                print(f"| `{preset}` | {slice_name} | - | - | - | - | did not compile: {error[:200]} | - | - | - |")
                 continue
             r = json.loads(lines[-1])
             mesh = " x ".join(f"{axis} {size}" for axis, size in r["mesh"].items() if size > 1) or "1 device"
             shape = r["batch_shape"]
             print(f"| `{preset}` | {slice_name} ({r['devices']}) | {mesh} | {shape['rows']} rows x {shape['length']}"
                   f" tokens, {shape['patches']} patches/tiles | {r['reference']}, {r['mu_dtype']} | "
+                  f"{r['text_attention']} | "
                   f"{r['state_gib_per_device']:.1f} / {r['peak_memory_gib_per_device']:.1f} GiB | "
                   f"{r['hbm_gib']:.0f} GiB | {'yes' if r['fits'] else '**no**'} | {r['flops_per_step'] / 1e12:,.0f} |",
                   flush=True)

@@ -8,6 +8,8 @@ topology: tools/aot_compile.py).
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 from typing import Any
 
 import jax
@@ -112,10 +114,19 @@ class CompiledStep:
                 "patches": int(b["pixel_values"].shape[1]) if "pixel_values" in b else 0}
 
 
-def compile_step(c, model_cfg, mesh, batch: dict, spec, *, with_images: bool | None = None) -> CompiledStep:
+def compile_step(c, model_cfg, mesh, batch: dict, spec, *, with_images: bool | None = None,
+                 hlo_dump_dir: str | None = None) -> CompiledStep:
     """Returns the trainer's jitted step pieces lowered and compiled for ``mesh``'s devices on the abstract state
     of config ``c`` and the abstract batch of ``batch`` at the largest buckets (`abstract_batch`). No array is
-    allocated; ``mesh`` may hold another platform's devices (``jax.experimental.topologies``)."""
+    allocated; ``mesh`` may hold another platform's devices (``jax.experimental.topologies``).
+
+    ``hlo_dump_dir``: the compiler writes each piece's HLO as text to ``<hlo_dump_dir>/<piece>/`` (XLA's
+    ``xla_dump_to``; `optimized_hlo_text` reads it back), for compilers whose optimized HLO jax cannot parse."""
+    def compile_options(piece: str):
+        if hlo_dump_dir is None:
+            return None
+        return {"xla_dump_to": os.path.join(hlo_dump_dir, piece), "xla_dump_hlo_as_text": True}
+
     model = abstract_model(model_cfg, DTYPES[c.model.dtype], param_dtype=DTYPES[c.model.param_dtype],
                            remat=c.model.remat)
     model.set_text_attention(c.model.attention)
@@ -126,16 +137,29 @@ def compile_step(c, model_cfg, mesh, batch: dict, spec, *, with_images: bool | N
     rep = replicated(mesh)
     names = ("tokens",) if c.mode == "sft" else ("pairs", "chosen_tokens")
     norms = {n: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep) for n in names}
-    first = fns.accumulate_first.lower(state, abstract, norms).compile()
+    first = fns.accumulate_first.lower(state, abstract, norms).compile(compile_options("accumulate_first"))
     acc = _with_shardings(jax.eval_shape(fns.accumulate_first, state, abstract, norms), first.output_shardings)
     pieces = {"accumulate_first": (first, bytes_per_device(abstract))}
     if c.data.grad_accum_steps > 1:
-        pieces["accumulate"] = (fns.accumulate.lower(acc, state, abstract, norms).compile(),
-                                bytes_per_device(abstract) + bytes_per_device(acc))
-    clip = fns.clip.lower(acc).compile()
+        accumulate = fns.accumulate.lower(acc, state, abstract, norms).compile(compile_options("accumulate"))
+        pieces["accumulate"] = (accumulate, bytes_per_device(abstract) + bytes_per_device(acc))
+    clip = fns.clip.lower(acc).compile(compile_options("clip"))
     clipped = _with_shardings(jax.eval_shape(fns.clip, acc), clip.output_shardings)
     pieces["clip"] = (clip, bytes_per_device(acc))
-    pieces["update"] = (fns.update.lower(state, clipped).compile(), bytes_per_device(clipped))
+    update = fns.update.lower(state, clipped).compile(compile_options("update"))
+    pieces["update"] = (update, bytes_per_device(clipped))
+    return CompiledStep(pieces, state, abstract)
+
+
+def optimized_hlo_text(hlo_dump_dir: str, piece: str) -> str | None:
+    """Returns the optimized HLO text the compiler dumped for ``piece`` (`compile_step` with ``hlo_dump_dir``), or
+    None when there is none."""
+    folder = os.path.join(hlo_dump_dir, piece)
+    names = sorted(glob.glob(os.path.join(folder, "*after_optimizations.txt"))) if os.path.isdir(folder) else []
+    if not names:
+        return None
+    with open(names[-1]) as f:
+        return f.read()
     return CompiledStep(pieces, state, abstract)
 
 

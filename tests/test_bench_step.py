@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.qwen_reference import tiny_hf_config
@@ -75,3 +76,31 @@ def test_bench_batch_is_the_trainers_layout(tiny_checkpoint, share_prompt):
     flops = bench_common.step_flops(config, model_cfg, batch)
     assert flops["decoder_tokens_per_step"] == (56 if share_prompt else 80)
     assert flops["target_tokens_per_step"] == 4 * 8  # both layouts train on every completion token
+
+
+def test_bench_step_torch_autocast_keeps_fp32_master_weights(tiny_checkpoint):
+    """--framework torch --dtype bfloat16 --torch-autocast: the peer of the JAX side's mixed precision (fp32 weights
+    and AdamW, bf16 forwards); the step runs, trains (a finite loss) and says which setting it ran."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_step
+
+    args = bench_step.parse_args(["--mode", "dpo", "--model-dir", tiny_checkpoint, "--pairs", "1", "--prompt-len",
+                                  "8", "--response-len", "8", "--image-size", "56", "--steps", "1", "--warmup", "0",
+                                  "--framework", "torch", "--dtype", "bfloat16", "--torch-autocast",
+                                  "--peak-flops", "1e10"])
+    import bench_step_torch
+
+    result = bench_step_torch.run_torch(args, tiny_checkpoint, bench_step.read_hf_config(tiny_checkpoint))
+    assert result["torch_autocast"] is True and result["dtype"] == "bfloat16"
+    assert result["tokens_per_step"] == 40 and result["median_step_s"] > 0
+    assert np.isfinite(result["loss"])
+
+
+@pytest.mark.parametrize("extra", [["--dtype", "bfloat16"], ["--framework", "torch"]])
+def test_bench_step_torch_autocast_needs_bf16_and_torch(extra, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_step
+
+    with pytest.raises(SystemExit):
+        bench_step.parse_args(["--torch-autocast", *extra])
+    assert "--torch-autocast is for --framework torch --dtype bfloat16" in capsys.readouterr().err

@@ -26,7 +26,9 @@ image is encoded once per pair either way. SFT: N rows, one example (and image) 
 patch and target buckets (``data.target_buckets``: the LM head runs on each row's target positions) are the exact
 sizes.
 
-Torch (``--framework torch``, see tools/bench_step_torch.py): the same step in transformers + PyTorch eager.
+Torch (``--framework torch``, see tools/bench_step_torch.py): the same step in transformers + PyTorch eager
+(``--dtype bfloat16``: pure bf16 weights; with ``--torch-autocast``: fp32 weights and optimizer, bf16 autocast
+forwards, the JAX side's mixed precision).
 
 Reported (last line, JSON): ``median_step_s`` over ``--steps`` timed steps after compilation and ``--warmup``
 steps; ``tokens_per_s`` = every token of every sequence in the step (prompt, image and response tokens of chosen and
@@ -344,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also time the step's parts separately (jax)")
     p.add_argument("--memory-analysis", action="store_true", help="report XLA's temp memory of accumulate (jax)")
     p.add_argument("--threads", type=int, default=0, help="torch: intra-op threads (0: torch's default)")
+    p.add_argument("--torch-autocast", action="store_true",
+                   help="torch with --dtype bfloat16: fp32 weights and optimizer, forwards under bf16 autocast (the "
+                        "JAX side's mixed precision) instead of pure bf16 weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--make-checkpoint", metavar="DIR", default=None,
                    help="write the synthetic 62M-parameter Qwen2.5-VL-shaped checkpoint to DIR (and exit unless "
@@ -351,6 +356,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.pairs, args.steps, args.image_size) < 1 or args.warmup < 0:
         p.error("--pairs, --steps and --image-size must be >= 1, --warmup >= 0")
+    if args.torch_autocast and (args.framework != "torch" or args.dtype != "bfloat16"):
+        p.error("--torch-autocast is for --framework torch --dtype bfloat16")
     return args
 
 

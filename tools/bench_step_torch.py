@@ -10,6 +10,11 @@ sigmoid DPO loss; backward; global-norm clipping (1.0, the trainer's and HF Trai
 ``torch.optim.AdamW`` step. SFT: one forward, token-mean cross-entropy over the response, the same update.
 ``--remat full`` turns on transformers' gradient checkpointing (non-reentrant).
 
+``--dtype bfloat16`` loads the weights in bfloat16 (pure bf16: bf16 parameters, gradients and AdamW moments).
+``--torch-autocast`` (with ``--dtype bfloat16``) is the setting the JAX side runs instead: fp32 master weights and
+optimizer, the forwards under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (bf16 matmuls); the reference is a
+frozen bf16 copy (the JAX trainer keeps its reference in the compute dtype).
+
 Called by bench_step.py (``--framework torch``), in its own process; the shared parts come from bench_common.py.
 jax is not imported until the timed steps and the peak-RSS reading are done (it is needed only for the trainer's
 host batch, the shared FLOPs arithmetic and the matmul peak).
@@ -17,6 +22,7 @@ host batch, the shared FLOPs arithmetic and the matmul peak).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import statistics
@@ -73,6 +79,10 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    autocast = bool(getattr(args, "torch_autocast", False))
+    if autocast and args.dtype != "bfloat16":
+        raise SystemExit("--torch-autocast needs --dtype bfloat16")
+    load_dtype = torch.float32 if autocast else dtype
     ids = special_ids(hf_config)
     examples = synthetic_examples(args.mode, args.pairs, args.prompt_len, args.response_len, args.image_size,
                                   hf_config, seed=args.seed)
@@ -80,12 +90,13 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
 
     trail = {"imports": current_rss_mb()}
     t_load = time.perf_counter()
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager", dtype=dtype)
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager",
+                                                                dtype=load_dtype)
     policy.train()
     policy.model.visual.requires_grad_(False)  # the tower and its merger
     ref = None
     if args.mode == "dpo":
-        ref = copy.deepcopy(policy).eval()
+        ref = copy.deepcopy(policy).eval().to(dtype)
         ref.requires_grad_(False)
     if args.remat == "full":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -110,15 +121,19 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
         phases.setdefault(name, []).append(now - t0)
         return now
 
+    def forward_context():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
     def step():
         t = time.perf_counter()
-        out = policy(**inputs, use_cache=False)
+        with forward_context():
+            out = policy(**inputs, use_cache=False)
         t = mark("policy_fwd (vision on every row + decoder + full logits)", t)
         if args.mode == "dpo":
             policy_logps = completion_logps(out.logits, labels, mask)
             del out
             t = mark("policy_logps", t)
-            with torch.no_grad():
+            with torch.no_grad(), forward_context():
                 ref_logps = completion_logps(ref(**inputs, use_cache=False).logits, labels, mask)
             t = mark("reference_fwd+logps", t)
             margin = (policy_logps[:n] - ref_logps[:n]) - (policy_logps[n:] - ref_logps[n:])
@@ -154,7 +169,7 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
         "framework": "torch", "mode": args.mode, "median_step_s": timing.pop("median_step_s"),
         "tokens_per_s": None, "peak_rss_mb": peak_rss, "mfu": None,
         "step_peak_rss_mb": step_peak, "first_step_s": first_s, "load_s": load_s, **timing, "rss_trail_mb": trail,
-        **summary, "dtype": args.dtype, "remat": args.remat,
+        **summary, "dtype": args.dtype, "remat": args.remat, "torch_autocast": autocast,
         "model_source": "transformers from_pretrained (eager attention)", "model_params": params,
         "trainable_params": sum(p.numel() for p in trainable), "device": "cpu", "threads": torch.get_num_threads(),
         "loss": box["loss"], "torch_version": torch.__version__,

@@ -336,6 +336,9 @@ def step_options(c: ml_collections.ConfigDict):
 # producers around each matmul into the matmul itself: the weight-gradient transposes XLA otherwise materialises
 # (0.5-0.7 s of a 2.2 s step) disappear. 512-bit vectors suit the AVX-512 loop fusions. Measured on the 62M DPO
 # benchmark (tools/bench_step.py, 2 cores): the step 2.24 -> 1.93 s, loss equal to 1e-5 (fp32 reassociation).
+# A program compiled with them and one without sum in different orders: wired into the train step only,
+# tests/test_trainer.py::test_precomputed_reference_equals_frozen_copy[internvl] (reference log-probs from a pass
+# without them) misses its atol 1e-6 on the trained weights by 1.2e-6; give the reference pass the same options.
 # float32 only: with bf16 operands the fused dot skips the operands' rounding to bf16 (the bf16 LM head comes out
 # as the fp32 one) and hoists an fp32 copy of the bf16 kernel (tests/test_losses.py fails both ways), and a bf16
 # step is slower with it (1.73 -> 2.06 s).

@@ -25,6 +25,9 @@ def test_options_only_for_float32_on_cpu():
     assert setup.cpu_step_compiler_options(run_config("float32", "bfloat16"), platform="cpu") == {}
     assert setup.cpu_step_compiler_options(run_config("float32"), platform="tpu") == {}
     assert setup.cpu_step_compiler_options(run_config("float32"), platform="gpu") == {}
+    off = run_config("float32")
+    off.train.xla_cpu_fused_dot = False  # the switch: XLA's defaults on a float32 CPU run
+    assert setup.cpu_step_compiler_options(off, platform="cpu") == {}
 
 
 def test_xla_takes_the_options_and_the_gradients_stay_float32_equal():

@@ -159,7 +159,7 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
 
     # Trainer.run: the jitted pieces of a step (one micro-batch: accumulate_first, then apply).
     step_fns = steps.jit_step(graphdef, opts, optimizer, schedule, state.shardings_of(train_state),
-                              config.optimizer.max_grad_norm)
+                              config.optimizer.max_grad_norm, compiler_options=setup.cpu_step_compiler_options(config))
 
     local = host_step_batch(config, model_dir, model_cfg, examples, shards)
     box = {"state": train_state, "metrics": None}

@@ -25,7 +25,8 @@ from . import steps
 from .batches import BatchSource
 from .mesh import local_data_shards, make_mesh, maybe_initialize_distributed
 from .preemption import Interrupted, Preemption
-from .setup import build_model, resolve_config, resolve_data, step_options, validate_config
+from .setup import (build_model, cpu_step_compiler_options, resolve_config, resolve_data, step_options,
+                    validate_config)
 from .state import TrainState, init_train_state, shardings_of, split_model
 from .workdir import changed_fields, config_dict, lock_workdir, save_start_config
 
@@ -250,7 +251,8 @@ class Trainer:
 
         state, start = self._restore(checkpointer, state)
         step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings_of(state),
-                                  c.optimizer.max_grad_norm)
+                                  c.optimizer.max_grad_norm,
+                                  compiler_options=cpu_step_compiler_options(c))
         peak = metrics_lib.peak_flops_per_device(c.train.peak_flops_per_device or None)
         logger = metrics_lib.MetricsLogger(self.workdir, total_steps=self.total_steps, is_chief=self.is_chief,
                                            resume_step=start)
@@ -371,7 +373,7 @@ class Trainer:
     def evaluate(self, state) -> dict:
         """Returns held-out metrics: SFT token-mean loss; DPO loss and reward metrics (exact means over the split)."""
         c = self.config
-        fn = _eval_fn(self.graphdef, self.opts)
+        fn = _eval_fn(self.graphdef, self.opts, tuple(sorted(cpu_step_compiler_options(c).items())))
         totals: dict[str, list[float]] = {}
         self.eval_source.reset()
         for _ in range(c.train.eval_batches):
@@ -387,7 +389,8 @@ class Trainer:
 
 
 @functools.lru_cache(maxsize=None)
-def _eval_fn(graphdef, opts: steps.StepOptions):
+def _eval_fn(graphdef, opts: steps.StepOptions, compiler_options: tuple[tuple[str, str], ...]):
+    """Returns the jitted evaluation sums; ``compiler_options`` as (name, value) pairs (hashable for the cache)."""
     def fn(state, batch):
         model = nnx.merge(graphdef, state.params, state.frozen)
         if opts.mode == "sft":
@@ -397,7 +400,7 @@ def _eval_fn(graphdef, opts: steps.StepOptions):
         ones = {"pairs": jnp.float32(1.0), "chosen_tokens": jnp.float32(1.0)}
         _, sums = steps.dpo_sums_and_loss(model, ref, batch, ones, opts)
         return sums
-    return jax.jit(fn)
+    return jax.jit(fn, compiler_options=dict(compiler_options) or None)
 
 
 def _reasons(skipped: dict) -> str:

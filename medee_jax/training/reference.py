@@ -26,6 +26,7 @@ import numpy as np
 
 from . import identity, steps
 from .batches import BatchSource
+from .setup import cpu_step_compiler_options
 
 log = logging.getLogger("medee_jax.train")
 
@@ -35,13 +36,15 @@ def _reference_pass(trainer, source: BatchSource) -> dict[str, tuple[float, floa
     opts = dataclasses.replace(trainer.opts, reference="none")
     graphdef = trainer.graphdef
 
-    @jax.jit
     def logps(params, frozen, batch):
         from flax import nnx
 
         model = nnx.merge(graphdef, params, frozen)
         policy, _, _ = steps.dpo_logps(model, None, batch, opts)
         return policy  # [S, 2n]
+
+    # The step's compiler options, so these log-probs sum in the order the frozen copy's would.
+    logps = jax.jit(logps, compiler_options=cpu_step_compiler_options(trainer.config) or None)
 
     out: dict[str, tuple[float, float]] = {}
     source.reset()

@@ -336,9 +336,9 @@ def step_options(c: ml_collections.ConfigDict):
 # producers around each matmul into the matmul itself: the weight-gradient transposes XLA otherwise materialises
 # (0.5-0.7 s of a 2.2 s step) disappear. 512-bit vectors suit the AVX-512 loop fusions. Measured on the 62M DPO
 # benchmark (tools/bench_step.py, 2 cores): the step 2.24 -> 1.93 s, loss equal to 1e-5 (fp32 reassociation).
-# A program compiled with them and one without sum in different orders: wired into the train step only,
-# tests/test_trainer.py::test_precomputed_reference_equals_frozen_copy[internvl] (reference log-probs from a pass
-# without them) misses its atol 1e-6 on the trained weights by 1.2e-6; give the reference pass the same options.
+# A program compiled with them and one without sum in different orders (log-probs differ by ~1e-6), so every
+# program of a run that runs the model's forward takes the same options (tests/test_trainer.py compares the
+# precomputed reference's pass with the step's frozen copy to 1e-6).
 # float32 only: with bf16 operands the fused dot skips the operands' rounding to bf16 (the bf16 LM head comes out
 # as the fp32 one) and hoists an fp32 copy of the bf16 kernel (tests/test_losses.py fails both ways), and a bf16
 # step is slower with it (1.73 -> 2.06 s).
@@ -350,10 +350,13 @@ CPU_FP32_STEP_COMPILER_OPTIONS = {
 
 def cpu_step_compiler_options(c: ml_collections.ConfigDict, platform: str | None = None) -> dict[str, str]:
     """Returns the ``compiler_options`` for ``jax.jit`` of the step's forward/backward program: the XLA:CPU options
-    above when the run computes in float32 (model.dtype and model.param_dtype) on the CPU backend (``platform``,
-    default ``jax.default_backend()``), else {}. The rest of the step (clipping, the update) keeps XLA's defaults."""
+    above when ``train.xla_cpu_fused_dot`` is on and the run computes in float32 (model.dtype and model.param_dtype)
+    on the CPU backend (``platform``, default ``jax.default_backend()``), else {}. The trainer gives them to every
+    program that runs the model's forward (the step's accumulate pieces, evaluation, the precomputed reference's
+    pass) so that all of them sum in the same order; clipping and the update keep XLA's defaults."""
     platform = jax.default_backend() if platform is None else platform
-    if platform != "cpu" or c.model.dtype != "float32" or c.model.param_dtype != "float32":
+    if (not c.train.xla_cpu_fused_dot or platform != "cpu" or c.model.dtype != "float32"
+            or c.model.param_dtype != "float32"):
         return {}
     return dict(CPU_FP32_STEP_COMPILER_OPTIONS)
 

@@ -322,17 +322,20 @@ def mesh_of(shardings):
 
 
 def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformation, lr_schedule, state_shardings,
-             max_grad_norm: float) -> StepFunctions:
+             max_grad_norm: float, compiler_options: dict[str, str] | None = None) -> StepFunctions:
     """Returns the jitted step pieces (see StepFunctions), traced under the state's mesh (`UnderMesh`). On a mesh
     the accumulated gradients take their parameters' shardings (with the decoder's activations pinned to the batch,
-    GSPMD would otherwise leave them whole on every device: measured on 7B DPO, v5p-8, 28.4 instead of 8.6 GiB)."""
+    GSPMD would otherwise leave them whole on every device: measured on 7B DPO, v5p-8, 28.4 instead of 8.6 GiB).
+    ``compiler_options``: XLA options for the forward/backward programs (``accumulate_first``, ``accumulate``), e.g.
+    `setup.cpu_step_compiler_options`; clipping and the update keep XLA's defaults."""
     mesh = mesh_of(state_shardings)
     grads = state_shardings.params if mesh is not None else None
     return StepFunctions(
         accumulate_first=UnderMesh(jax.jit(functools.partial(accumulate_first, graphdef, opts=opts,
-                                                             grad_shardings=grads)), mesh),
+                                                             grad_shardings=grads),
+                                           compiler_options=compiler_options or None), mesh),
         accumulate=UnderMesh(jax.jit(functools.partial(accumulate, graphdef, opts=opts, grad_shardings=grads),
-                                     donate_argnums=0), mesh),
+                                     donate_argnums=0, compiler_options=compiler_options or None), mesh),
         clip=jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0),
         update=jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
                        out_shardings=(state_shardings, None)),

@@ -160,7 +160,6 @@ def optimized_hlo_text(hlo_dump_dir: str, piece: str) -> str | None:
         return None
     with open(names[-1]) as f:
         return f.read()
-    return CompiledStep(pieces, state, abstract)
 
 
 def memory_report(compiled: CompiledStep) -> dict:

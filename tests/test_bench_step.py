@@ -47,6 +47,20 @@ def test_bench_step_dpo_prints_json_line(tiny_checkpoint):
     assert result["model_source"] in ("from_pretrained",) or result["model_source"].startswith("random init")
     assert result["skipped_steps"] == 0.0
     assert len(result["step_times_s"]) == 2
+    # A float32 run on CPU: the step compiled with the trainer's XLA:CPU options (train.xla_cpu_fused_dot).
+    assert result["compiler_options"]["xla_cpu_experimental_ynn_fusion_type"] == "LIBRARY_FUSION_TYPE_DOT"
+
+
+def test_bench_step_without_the_cpu_compiler_options():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_common
+    import bench_step
+    from medee_jax.training import setup
+
+    args = bench_step.parse_args(["--no-xla-cpu-fused-dot"])
+    config = bench_common.trainer_config(args, None, 20, 4, 8, 20)
+    assert config.train.xla_cpu_fused_dot is False and setup.cpu_step_compiler_options(config, platform="cpu") == {}
+    assert bench_common.trainer_config(bench_step.parse_args([]), None, 20, 4, 8, 20).train.xla_cpu_fused_dot
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])

@@ -275,6 +275,7 @@ def trainer_config(args, model_dir: str | None, length: int, patches: int, targe
     c.train.steps = 1 + args.warmup + args.steps
     c.train.lm_head_dtype = getattr(args, "lm_head_dtype", "compute")
     c.optimizer.mu_dtype = getattr(args, "mu_dtype", "float32")
+    c.train.xla_cpu_fused_dot = getattr(args, "xla_cpu_fused_dot", True)
     if args.vocab_chunk:
         c.train.vocab_chunk = args.vocab_chunk
     if args.seq_chunk:

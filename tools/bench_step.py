@@ -211,7 +211,8 @@ def run_jax(args, model_dir: str | None, hf_config: dict) -> dict:
         "framework": "jax", "mode": args.mode, "median_step_s": timing.pop("median_step_s"),
         "tokens_per_s": None, "peak_rss_mb": peak_rss, "mfu": None,
         "step_peak_rss_mb": step_peak, "compile_s": compile_s, "load_s": load_s, **timing, "rss_trail_mb": trail,
-        **summary, "dtype": args.dtype, "remat": args.remat, "vocab_chunk": opts.vocab_chunk,
+        **summary, "dtype": args.dtype, "remat": args.remat,
+        "compiler_options": setup.cpu_step_compiler_options(config), "vocab_chunk": opts.vocab_chunk,
         "seq_chunk": opts.seq_chunk, "lm_head_dtype": opts.lm_head_dtype, "mu_dtype": config.optimizer.mu_dtype,
         "reference": opts.reference, "share_image_features": opts.share_image_features,
         "share_prompt": bool(config.mode == "dpo" and config.dpo.share_prompt),
@@ -340,6 +341,8 @@ def parse_args(argv=None):
                    help="jax: train.lm_head_dtype (compute: --dtype operands, fp32 accumulation)")
     p.add_argument("--mu-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="jax: optimizer.mu_dtype (AdamW's first moment)")
+    p.add_argument("--no-xla-cpu-fused-dot", dest="xla_cpu_fused_dot", action="store_false",
+                   help="jax: train.xla_cpu_fused_dot=False (XLA's default CPU compiler options for the step)")
     p.add_argument("--vocab-chunk", type=int, default=0, help="StepOptions.vocab_chunk (0: the config's)")
     p.add_argument("--seq-chunk", type=int, default=0, help="StepOptions.seq_chunk (0: the config's)")
     p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device for MFU (0: measure/look up)")

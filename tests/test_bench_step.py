@@ -118,3 +118,35 @@ def test_bench_step_torch_autocast_needs_bf16_and_torch(extra, capsys):
     with pytest.raises(SystemExit):
         bench_step.parse_args(["--torch-autocast", *extra])
     assert "--torch-autocast is for --framework torch --dtype bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("total,warmup_ratio,final_ratio", [(7, 0.1, 0.0), (20, 0.25, 0.1), (3, 0.0, 0.0)])
+def test_torch_peer_schedule_is_the_trainers(total, warmup_ratio, final_ratio):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_common
+    from medee_jax.training import steps
+
+    schedule = steps.warmup_cosine(5e-7, total, warmup_ratio, final_ratio)
+    for update in range(total + 2):
+        assert bench_common.schedule_lr(update, 5e-7, total, warmup_ratio, final_ratio) == pytest.approx(
+            float(schedule(update)), rel=1e-6, abs=1e-15), update
+
+
+def test_both_sides_run_the_same_dpo_steps(tiny_checkpoint):
+    """fp32, same checkpoint, batch, optimizer and schedule: the loss of the last of 4 steps (3 updates in) agrees
+    between the trainer's step and the transformers + PyTorch peer, so the benchmark times the same work."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_step
+    import bench_step_torch
+
+    common = ["--mode", "dpo", "--model-dir", tiny_checkpoint, "--pairs", "2", "--prompt-len", "8", "--response-len",
+              "8", "--image-size", "56", "--steps", "2", "--warmup", "1", "--peak-flops", "1e10"]
+    hf_config = bench_step.read_hf_config(tiny_checkpoint)
+    ours = subprocess.run([sys.executable, TOOL, *common], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    ours_loss = json.loads(ours.stdout.strip().splitlines()[-1])["loss"]
+    torch_loss = bench_step_torch.run_torch(bench_step.parse_args([*common, "--framework", "torch"]), tiny_checkpoint,
+                                            hf_config)["loss"]
+    # After 3 updates at the DPO recipe's 5e-7 the loss has moved from log 2 by far more than fp32 reassociation.
+    assert abs(ours_loss - np.log(2)) > 1e-5
+    assert torch_loss == pytest.approx(ours_loss, abs=2e-6)

@@ -258,6 +258,21 @@ def load_run_config(mode: str):
     return module.get_config()
 
 
+def schedule_lr(update: int, lr: float, total_steps: int, warmup_ratio: float, final_ratio: float = 0.0) -> float:
+    """Returns the trainer's learning rate at optimizer update ``update`` (0-based): `steps.warmup_cosine`, linear
+    warmup from 0 then cosine decay to ``final_ratio * lr``, written without jax for the PyTorch peer (a test holds
+    the two equal)."""
+    import math
+
+    warmup = max(int(round(total_steps * warmup_ratio)), 0)
+    if update < warmup:
+        return lr * update / warmup
+    decay = max(total_steps, warmup + 1) - warmup  # [update] steps of cosine after the warmup
+    t = min(update - warmup, decay)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * t / decay))
+    return lr * ((1.0 - final_ratio) * cosine + final_ratio)
+
+
 def trainer_config(args, model_dir: str | None, length: int, patches: int, targets: int, row_length: int):
     """configs/{mode}.py with the benchmark's overrides (model, batch shapes, chunks)."""
     c = load_run_config(args.mode)

@@ -7,7 +7,8 @@ dir, attn_implementation="eager")``, the vision tower and merger frozen (``requi
 completion log-probs from the full [2N, L, V] logits (log-softmax normaliser per row, like TRL's
 ``selective_log_softmax``); the policy forward first, then the reference forward under ``torch.no_grad``; the
 sigmoid DPO loss; backward; global-norm clipping (1.0, the trainer's and HF Trainer's default) and a
-``torch.optim.AdamW`` step. SFT: one forward, token-mean cross-entropy over the response, the same update.
+``torch.optim.AdamW`` step at the trainer's scheduled learning rate (warmup then cosine over the run's steps, so
+both sides' losses after the same steps agree: a check that they ran the same step). SFT: one forward, token-mean cross-entropy over the response, the same update.
 ``--remat full`` turns on transformers' gradient checkpointing (non-reentrant).
 
 ``--dtype bfloat16`` loads the weights in bfloat16 (pure bf16: bf16 parameters, gradients and AdamW moments).
@@ -31,8 +32,8 @@ import time
 import numpy as np
 
 from bench_common import (current_rss_mb, finish, high_water_rss_mb, host_step_batch, peak_flops, peak_rss_mb,
-                          plan_config, reset_peak_rss, shape_summary, special_ids, step_flops, synthetic_examples,
-                          timed, timed_steps)
+                          plan_config, reset_peak_rss, schedule_lr, shape_summary, special_ids, step_flops,
+                          synthetic_examples, timed, timed_steps)
 
 
 def torch_batch(mode: str, examples: list[dict], image_token_id: int):
@@ -103,7 +104,7 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
     elif args.remat != "none":
         raise SystemExit(f"--framework torch supports --remat none|full, not {args.remat}")
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    # The trainer's optimizer settings (configs/{mode}.py): AdamW, global-norm clipping.
+    # The trainer's optimizer settings (configs/{mode}.py): AdamW, global-norm clipping, its warmup-cosine schedule.
     run = plan_config(args, model_dir, hf_config)
     o = run.optimizer
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
@@ -112,7 +113,7 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
     inputs, labels, mask = torch_batch(args.mode, examples, ids["image_token_id"])
     n = args.pairs
     beta = run.dpo.beta
-    box = {}
+    box = {"updates": 0}
 
     phases: dict[str, list[float]] = {}
 
@@ -147,7 +148,11 @@ def run_torch(args, model_dir: str, hf_config: dict) -> dict:
         t = mark("backward", t)
         if o.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+        lr = schedule_lr(box["updates"], o.lr, int(run.train.steps), o.warmup_ratio, o.final_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
+        box["updates"] += 1
         optimizer.zero_grad(set_to_none=True)
         box["loss"] = float(loss.detach())
         mark("clip+AdamW", t)

@@ -172,9 +172,10 @@ def base_config(mode: str) -> ml_collections.ConfigDict:
     # True: one row per pair, [prompt | chosen | rejected]; the prompt and its image tokens go through the decoder
     # once for both completions (same log-probs as separate rows; rows take up to 2 x data.max_length tokens).
     # Measured on CPU (62M model, 64-token prompt + 64 image tokens, 192-token answers; README, Benchmarks): 1.3x
-    # faster per step without remat, 1.04x with remat full and train.xla_cpu_fused_dot. Off by default: its branch mask (a completion sees the prompt and itself) is not a causal +
-    # segment mask, which the fused attention kernels (splash, cuDNN) take, so on accelerators it may need the
-    # dense attention path; turn it on where your plan's attention supports it.
+    # faster per step without remat, 1.04x with remat full and train.xla_cpu_fused_dot. Off by default: its branch
+    # mask (a completion sees the prompt and itself) is not a causal + segment mask, which the fused attention
+    # kernels (splash, cuDNN) take, so on accelerators it may need the dense attention path; turn it on where your
+    # plan's attention supports it.
     c.dpo.share_prompt = False
     return c
 

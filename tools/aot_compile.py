@@ -184,6 +184,7 @@ def plan_flops(c, model_cfg, batch_shape: dict, shards: int, text_only: bool) ->
 
 def compile_plan(c, slice_name: str, text_only: bool) -> dict:
     """Compiles ``c``'s step for the slice and returns the report (the JSON printed last)."""
+    from medee_jax.models.attention import mesh_platform
     from medee_jax.training import setup
     from medee_jax.training.batches import run_batch_spec
     from medee_jax.training.mesh import make_mesh
@@ -227,7 +228,7 @@ def compile_plan(c, slice_name: str, text_only: bool) -> dict:
             "fits": bool(peak <= hbm), "flops_per_step": flops["model"], "hardware_flops_per_step": flops["hardware"],
             "xla_flops_per_step": xla_flops, "collectives": dict(collectives), "pieces": pieces,
             "collectives_counted": all(p["collectives"] is not None for p in pieces.values()),
-            "text_attention": text_attention(c, mesh.devices.flat[0].platform,
+            "text_attention": text_attention(c, mesh_platform(mesh),
                                              pieces["accumulate_first"]["pallas_kernel_calls"]),
             "batch_shape": memory["batch_shape"], "batch_size": int(c.data.batch_size),
             "grad_accum_steps": accum, "reference": c.dpo.reference if c.mode == "dpo" else None,
@@ -253,7 +254,7 @@ def describe(report: dict) -> list[str]:
     for name, p in report["pieces"].items():
         lines.append(f"  {name:17s} arguments {p.get('arguments', 0):8.2f} GiB  outputs {p.get('outputs', 0):8.2f} "
                      f"GiB  temporaries {p.get('temporaries', 0):8.2f} GiB  collectives "
-                     f"{'(HLO unreadable)' if p['collectives'] is None else p['collectives'] or '-'}")
+                     f"{'(no HLO dump)' if p['collectives'] is None else p['collectives'] or '-'}")
     calls = report["pieces"]["accumulate_first"]["pallas_kernel_calls"]
     lines.append(f"  text attention: {report['text_attention']}"
                  + (f" ({calls} Pallas kernel calls in accumulate_first)" if calls else ""))
@@ -270,8 +271,8 @@ def describe(report: dict) -> list[str]:
 def all_plans(mode: str) -> int:
     """Compiles every (preset, slice) of recipes.SLICE_PLANS for ``mode``, each in its own process (a slice's
     devices are fixed when jax starts), and prints a Markdown table row per plan; returns 0."""
-    print("| preset | slice (devices) | mesh | per data shard | reference, mu | text attention | state / peak per device "
-          "| HBM | fits | model TFLOPs per step |")
+    print("| preset | slice (devices) | mesh | per data shard | reference, mu | text attention "
+          "| state / peak per device | HBM | fits | model TFLOPs per step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for preset, plans in recipes.SLICE_PLANS.items():
         for slice_name in plans:

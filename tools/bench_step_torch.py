@@ -8,7 +8,8 @@ completion log-probs from the full [2N, L, V] logits (log-softmax normaliser per
 ``selective_log_softmax``); the policy forward first, then the reference forward under ``torch.no_grad``; the
 sigmoid DPO loss; backward; global-norm clipping (1.0, the trainer's and HF Trainer's default) and a
 ``torch.optim.AdamW`` step at the trainer's scheduled learning rate (warmup then cosine over the run's steps, so
-both sides' losses after the same steps agree: a check that they ran the same step). SFT: one forward, token-mean cross-entropy over the response, the same update.
+both sides' losses after the same steps agree: a check that they ran the same step). SFT: one forward, token-mean
+cross-entropy over the response, the same update.
 ``--remat full`` turns on transformers' gradient checkpointing (non-reentrant).
 
 ``--dtype bfloat16`` loads the weights in bfloat16 (pure bf16: bf16 parameters, gradients and AdamW moments).

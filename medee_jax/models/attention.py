@@ -51,14 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from .attention_blockwise import blockwise_attention
-from .attention_kernels import jax_nn_attention, pallas_gpu_attention, splash_attention
+from .attention_kernels import heads_divide, jax_nn_attention, pallas_gpu_attention, splash_attention
 from .attention_masks import block_allowed, mask_inputs
 
 # Additive mask value of the reference path (finite, as transformers' eager attention: a fully masked row gives a
 # uniform distribution instead of NaN).
 MASK_VALUE = float(np.finfo(np.float32).min)
 
-# The mesh axes a batch is split over, and the one heads are split over (``training/mesh.py``'s axes).
+# The mesh axes a batch is split over, and the one heads are split over (``training/mesh.py`` builds its mesh
+# from them).
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
@@ -221,15 +222,6 @@ def choose_implementation(f: AttentionFeatures, platform: str) -> str:
     if platform == "cpu" and f.num_scores < CPU_BLOCKWISE_MIN_SCORES:
         return "reference"
     return "blockwise"
-
-
-def heads_divide(mesh, head_axis, q_heads: int, kv_heads: int) -> bool:
-    """Returns whether ``mesh``'s ``head_axis`` splits ``q_heads`` and ``kv_heads`` evenly (True without a mesh, an
-    axis, or when the axis has one device)."""
-    if mesh is None or head_axis is None or head_axis not in mesh.axis_names:
-        return True
-    shards = mesh.shape[head_axis]
-    return q_heads % shards == 0 and kv_heads % shards == 0
 
 
 def implementation_without_mesh(implementation: str) -> str:

@@ -30,6 +30,15 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def heads_divide(mesh, head_axis, q_heads: int, kv_heads: int) -> bool:
+    """Returns whether ``mesh``'s ``head_axis`` splits ``q_heads`` and ``kv_heads`` evenly (True without a mesh, an
+    axis, or when the axis has one device)."""
+    if mesh is None or head_axis is None or head_axis not in mesh.axis_names:
+        return True
+    shards = mesh.shape[head_axis]
+    return q_heads % shards == 0 and kv_heads % shards == 0
+
+
 def splash_attention(q, k, v, m: MaskInputs, *, causal, q_offset, scale, block_q, block_k, mesh, batch_axes,
                      head_axis, interpret):
     """Returns attention through the Pallas TPU splash kernel: causal as a static mask, padding and packing as
@@ -49,11 +58,11 @@ def splash_attention(q, k, v, m: MaskInputs, *, causal, q_offset, scale, block_q
     kt = jnp.pad(k.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, lk_pad - lk), (0, 0)])
     vt = jnp.pad(v.transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, lk_pad - lk), (0, 0)])
     heads = hq
-    if mesh is not None and head_axis is not None and head_axis not in mesh.axis_names:
-        head_axis = None
+    if mesh is not None and head_axis not in mesh.axis_names:
+        head_axis = None  # heads whole
     if mesh is not None and head_axis is not None:
         shards = mesh.shape[head_axis]
-        if hq % shards or hkv % shards:
+        if not heads_divide(mesh, head_axis, hq, hkv):
             raise ValueError(f"attention: splash splits heads over mesh axis {head_axis!r} of size {shards}, which "
                              f"must divide {hq} query and {hkv} KV heads (pass head_axis=None to keep heads whole)")
         heads = hq // shards

@@ -128,6 +128,8 @@ class Trainer:
                                        "remove the files named) before starting.") from None
         self.model = build_model(config, self.mesh, self.data)
         self.opts = step_options(config)
+        # XLA options of every program that runs the model's forward (step, evaluation, reference pass)
+        self.compiler_options = cpu_step_compiler_options(config)
         if label_smoothing_note(config):
             log.info("%s", label_smoothing_note(config))
         self.graphdef, self.params, self.frozen = split_model(self.model, config)
@@ -251,8 +253,7 @@ class Trainer:
 
         state, start = self._restore(checkpointer, state)
         step_fns = steps.jit_step(self.graphdef, self.opts, optimizer, schedule, shardings_of(state),
-                                  c.optimizer.max_grad_norm,
-                                  compiler_options=cpu_step_compiler_options(c))
+                                  c.optimizer.max_grad_norm, compiler_options=self.compiler_options)
         peak = metrics_lib.peak_flops_per_device(c.train.peak_flops_per_device or None)
         logger = metrics_lib.MetricsLogger(self.workdir, total_steps=self.total_steps, is_chief=self.is_chief,
                                            resume_step=start)
@@ -373,7 +374,7 @@ class Trainer:
     def evaluate(self, state) -> dict:
         """Returns held-out metrics: SFT token-mean loss; DPO loss and reward metrics (exact means over the split)."""
         c = self.config
-        fn = _eval_fn(self.graphdef, self.opts, tuple(sorted(cpu_step_compiler_options(c).items())))
+        fn = _eval_fn(self.graphdef, self.opts, tuple(sorted(self.compiler_options.items())))
         totals: dict[str, list[float]] = {}
         self.eval_source.reset()
         for _ in range(c.train.eval_batches):
@@ -400,7 +401,7 @@ def _eval_fn(graphdef, opts: steps.StepOptions, compiler_options: tuple[tuple[st
         ones = {"pairs": jnp.float32(1.0), "chosen_tokens": jnp.float32(1.0)}
         _, sums = steps.dpo_sums_and_loss(model, ref, batch, ones, opts)
         return sums
-    return jax.jit(fn, compiler_options=dict(compiler_options) or None)
+    return jax.jit(fn, compiler_options=dict(compiler_options))
 
 
 def _reasons(skipped: dict) -> str:

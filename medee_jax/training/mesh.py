@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from ..models.attention import BATCH_AXES, HEAD_AXIS
+
+MESH_AXES = (*BATCH_AXES, HEAD_AXIS)  # ("data", "fsdp", "tensor")
 
 log = logging.getLogger(__name__)
 

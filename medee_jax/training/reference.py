@@ -26,7 +26,6 @@ import numpy as np
 
 from . import identity, steps
 from .batches import BatchSource
-from .setup import cpu_step_compiler_options
 
 log = logging.getLogger("medee_jax.train")
 
@@ -44,7 +43,7 @@ def _reference_pass(trainer, source: BatchSource) -> dict[str, tuple[float, floa
         return policy  # [S, 2n]
 
     # The step's compiler options, so these log-probs sum in the order the frozen copy's would.
-    logps = jax.jit(logps, compiler_options=cpu_step_compiler_options(trainer.config) or None)
+    logps = jax.jit(logps, compiler_options=trainer.compiler_options)
 
     out: dict[str, tuple[float, float]] = {}
     source.reset()

@@ -333,9 +333,9 @@ def jit_step(graphdef, opts: StepOptions, optimizer: optax.GradientTransformatio
     return StepFunctions(
         accumulate_first=UnderMesh(jax.jit(functools.partial(accumulate_first, graphdef, opts=opts,
                                                              grad_shardings=grads),
-                                           compiler_options=compiler_options or None), mesh),
+                                           compiler_options=compiler_options), mesh),
         accumulate=UnderMesh(jax.jit(functools.partial(accumulate, graphdef, opts=opts, grad_shardings=grads),
-                                     donate_argnums=0, compiler_options=compiler_options or None), mesh),
+                                     donate_argnums=0, compiler_options=compiler_options), mesh),
         clip=jax.jit(functools.partial(clip_gradients, max_grad_norm), donate_argnums=0),
         update=jax.jit(functools.partial(apply, optimizer, lr_schedule), donate_argnums=0,
                        out_shardings=(state_shardings, None)),
